@@ -1,0 +1,314 @@
+//! `osctl gen`: the cluster's secrets bundle, machine configs and the
+//! operator's client file.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use machine_api::config::generate::{machine_config, ClusterInput, DEFAULT_KUBERNETES_VERSION};
+use machine_api::config::{DnsName, KubernetesVersion, MachineConfig, Role};
+use machine_api::osconfig::{Context as OsContext, OsConfig};
+use machine_api::pki::bundle::{os_client_cert, OsRole, SecretsBundle};
+use url::Url;
+
+use crate::files::{self, OutFile, SECRET};
+use crate::patch::ConfigPatch;
+
+#[derive(Debug, Subcommand)]
+pub enum Gen {
+    /// Generate secrets.yaml, controlplane.yaml, worker.yaml and osconfig.
+    Config(GenConfig),
+    /// Generate a secrets bundle alone.
+    Secrets(GenSecrets),
+    /// Generate a client file with a certificate of the given role.
+    Osconfig(GenOsconfig),
+}
+
+impl Gen {
+    pub fn run(self) -> Result<ExitCode> {
+        match self {
+            Gen::Config(c) => c.run(),
+            Gen::Secrets(s) => s.run(),
+            Gen::Osconfig(o) => o.run(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GenConfig {
+    /// Cluster name (a DNS label).
+    pub cluster_name: String,
+    /// Kubernetes API endpoint, e.g. https://10.5.0.2:6443.
+    pub endpoint: String,
+    /// Directory to write the files to.
+    #[arg(long, short = 'o', default_value = ".")]
+    pub output_dir: PathBuf,
+    /// Reuse this secrets bundle instead of generating one.
+    #[arg(long, value_name = "FILE")]
+    pub with_secrets: Option<PathBuf>,
+    /// Kubernetes release to pin.
+    #[arg(long, default_value = DEFAULT_KUBERNETES_VERSION)]
+    pub kubernetes_version: String,
+    /// Disk to install to, e.g. /dev/vda.
+    #[arg(long)]
+    pub install_disk: Option<String>,
+    /// Patch for every generated config: RFC 6902 (list of ops) or merge
+    /// patch (partial document), inline YAML/JSON or @FILE. Repeatable.
+    #[arg(long, value_name = "PATCH")]
+    pub config_patch: Vec<String>,
+    /// Patch for controlplane.yaml only.
+    #[arg(long, value_name = "PATCH")]
+    pub config_patch_controlplane: Vec<String>,
+    /// Patch for worker.yaml only.
+    #[arg(long, value_name = "PATCH")]
+    pub config_patch_worker: Vec<String>,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenSecrets {
+    /// File to write.
+    #[arg(long, short = 'o', default_value = "secrets.yaml")]
+    pub output: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenOsconfig {
+    /// The cluster's secrets bundle.
+    #[arg(long, value_name = "FILE")]
+    pub with_secrets: PathBuf,
+    /// Role of the client certificate: admin, operator or reader.
+    #[arg(long, default_value = "admin")]
+    pub role: OsRole,
+    /// Common name of the client certificate.
+    #[arg(long, default_value = "osctl")]
+    pub name: String,
+    /// Context name.
+    #[arg(long, default_value = "default")]
+    pub context: String,
+    /// OS API endpoints (HOST or HOST:PORT). Repeatable.
+    #[arg(long = "endpoint", short = 'e', required = true)]
+    pub endpoints: Vec<String>,
+    /// File to write.
+    #[arg(long, short = 'o', default_value = "osconfig")]
+    pub output: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Loads and checks a secrets bundle.
+pub fn load_bundle(path: &Path) -> Result<SecretsBundle> {
+    let text = files::read(path)?;
+    let parsed = machine_api::config::parse::parse_yaml::<SecretsBundle>(&text);
+    let mut problems = parsed.problems;
+    if let Some(b) = &parsed.value {
+        problems.extend(b.problems());
+    }
+    match parsed.value {
+        Some(b) if problems.is_empty() => Ok(b),
+        _ => {
+            let lines: Vec<String> = problems
+                .iter()
+                .map(|p| format!("{}: {p}", path.display()))
+                .collect();
+            bail!("invalid secrets bundle:\n{}", lines.join("\n"))
+        }
+    }
+}
+
+fn bundle_yaml(b: &SecretsBundle) -> String {
+    serde_norway::to_string(b).expect("bundle serializes")
+}
+
+fn parse_endpoint(text: &str) -> Result<Url> {
+    let url = Url::parse(text).map_err(|e| {
+        anyhow!("ENDPOINT {text:?} is not a URL ({e}): write it as https://HOST:6443")
+    })?;
+    if url.scheme() != "https" {
+        bail!("ENDPOINT {text:?} must start with https://");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        bail!("ENDPOINT {text:?} has no host");
+    }
+    Ok(url)
+}
+
+fn osconfig_endpoint(url: &Url) -> String {
+    url.host_str().unwrap_or_default().to_owned()
+}
+
+/// Applies patches to a generated config and validates the result.
+fn patched(name: &str, cfg: &MachineConfig, patches: &[&ConfigPatch]) -> Result<String> {
+    let mut doc = serde_json::to_value(cfg).context("serialize config")?;
+    for p in patches {
+        p.apply(&mut doc)
+            .with_context(|| format!("cannot patch {name}"))?;
+    }
+    let yaml = serde_norway::to_string(&doc).context("serialize patched config")?;
+    MachineConfig::parse(&yaml).map_err(|problems| {
+        anyhow!(
+            "{name} is invalid after patching:\n{}",
+            problems
+                .0
+                .iter()
+                .map(|p| format!("  {}: {}", p.path, p.message))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
+    Ok(yaml)
+}
+
+fn header(what: &str) -> String {
+    format!(
+        "# {what}\n# Generated by osctl {}. Check with `osctl validate -f FILE`.\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+impl GenConfig {
+    fn run(self) -> Result<ExitCode> {
+        let name: DnsName = self
+            .cluster_name
+            .parse()
+            .map_err(|e| anyhow!("CLUSTER_NAME: {e}"))?;
+        if !name.is_label() {
+            bail!(
+                "CLUSTER_NAME {:?} must be a single DNS label (no dots)",
+                name.0
+            );
+        }
+        let endpoint = parse_endpoint(&self.endpoint)?;
+        let kubernetes_version: KubernetesVersion = self
+            .kubernetes_version
+            .parse()
+            .map_err(|e| anyhow!("--kubernetes-version: {e}"))?;
+        let parse_all = |v: &[String]| -> Result<Vec<ConfigPatch>> {
+            v.iter().map(|p| ConfigPatch::parse(p)).collect()
+        };
+        let common = parse_all(&self.config_patch)?;
+        let cp_patches = parse_all(&self.config_patch_controlplane)?;
+        let worker_patches = parse_all(&self.config_patch_worker)?;
+
+        let (bundle, bundle_is_new) = match &self.with_secrets {
+            Some(path) => (load_bundle(path)?, false),
+            None => (SecretsBundle::generate()?, true),
+        };
+        let input = ClusterInput {
+            name: name.clone(),
+            endpoint: machine_api::config::Endpoint(endpoint.clone()),
+            kubernetes_version,
+            install_disk: self.install_disk.clone(),
+        };
+        let cp = machine_config(&bundle, &input, &[Role::Controlplane, Role::Etcd]);
+        let worker = machine_config(&bundle, &input, &[Role::Worker]);
+        let cp_yaml = patched(
+            "controlplane.yaml",
+            &cp,
+            &common.iter().chain(&cp_patches).collect::<Vec<_>>(),
+        )?;
+        let worker_yaml = patched(
+            "worker.yaml",
+            &worker,
+            &common.iter().chain(&worker_patches).collect::<Vec<_>>(),
+        )?;
+
+        let admin = os_client_cert(&bundle, "admin", OsRole::Admin)?;
+        let osconfig = OsConfig::single(
+            &name.0,
+            OsContext {
+                endpoints: vec![osconfig_endpoint(&endpoint)],
+                nodes: Vec::new(),
+                ca: bundle.os_ca.crt.clone(),
+                crt: admin.cert_pem,
+                key: admin.key_pem,
+            },
+        );
+
+        let dir = &self.output_dir;
+        let mut out = Vec::new();
+        if bundle_is_new {
+            out.push(OutFile {
+                path: dir.join("secrets.yaml"),
+                contents: header("Cluster secrets bundle: every CA key. Keep it offline.")
+                    + &bundle_yaml(&bundle),
+                mode: SECRET,
+            });
+        }
+        out.push(OutFile {
+            path: dir.join("controlplane.yaml"),
+            contents: header("Machine config for control-plane nodes (holds CA keys).") + &cp_yaml,
+            mode: SECRET,
+        });
+        out.push(OutFile {
+            path: dir.join("worker.yaml"),
+            contents: header("Machine config for worker nodes (no CA keys).") + &worker_yaml,
+            mode: SECRET,
+        });
+        out.push(OutFile {
+            path: dir.join("osconfig"),
+            contents: header("osctl client file: admin certificate for this cluster.")
+                + &osconfig.to_yaml(),
+            mode: SECRET,
+        });
+        files::write_all(&out, self.force)?;
+        for f in &out {
+            println!("wrote {}", f.path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl GenSecrets {
+    fn run(self) -> Result<ExitCode> {
+        let bundle = SecretsBundle::generate()?;
+        files::write_all(
+            &[OutFile {
+                path: self.output.clone(),
+                contents: header("Cluster secrets bundle: every CA key. Keep it offline.")
+                    + &bundle_yaml(&bundle),
+                mode: SECRET,
+            }],
+            self.force,
+        )?;
+        println!("wrote {}", self.output.display());
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl GenOsconfig {
+    fn run(self) -> Result<ExitCode> {
+        let bundle = load_bundle(&self.with_secrets)?;
+        let cert = os_client_cert(&bundle, &self.name, self.role)?;
+        let osconfig = OsConfig::single(
+            &self.context,
+            OsContext {
+                endpoints: self.endpoints.clone(),
+                nodes: Vec::new(),
+                ca: bundle.os_ca.crt.clone(),
+                crt: cert.cert_pem,
+                key: cert.key_pem,
+            },
+        );
+        files::write_all(
+            &[OutFile {
+                path: self.output.clone(),
+                contents: header(&format!(
+                    "osctl client file: {} certificate.",
+                    self.role.organization()
+                )) + &osconfig.to_yaml(),
+                mode: SECRET,
+            }],
+            self.force,
+        )?;
+        println!("wrote {}", self.output.display());
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,5 @@
+//! One module per verb.
+
+pub mod docs;
+pub mod gen;
+pub mod validate;

@@ -1,0 +1,99 @@
+//! `osctl validate`: check documents offline, reporting every problem with
+//! its file, line and field path.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use machine_api::config::{parse, MachineConfig, Problem};
+use machine_api::osconfig::{OsConfig, OSCONFIG_KIND};
+use machine_api::pki::bundle::{SecretsBundle, BUNDLE_KIND};
+
+#[derive(Debug, Args)]
+pub struct Validate {
+    /// Files to check: machine configs, secrets bundles or osconfig files
+    /// (recognised by their `kind`). Repeatable.
+    #[arg(long = "file", short = 'f', required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// Reads the `kind` field without validating anything else.
+fn kind_of(text: &str) -> Option<String> {
+    let v: serde_norway::Value = serde_norway::from_str(text).ok()?;
+    v.get("kind")?.as_str().map(str::to_owned)
+}
+
+fn check(text: &str) -> (String, Vec<Problem>) {
+    match kind_of(text).as_deref() {
+        Some(BUNDLE_KIND) => {
+            let parsed = parse::parse_yaml::<SecretsBundle>(text);
+            let mut problems = parsed.problems;
+            if let Some(b) = &parsed.value {
+                for mut p in b.problems() {
+                    p.line = parsed.lines.line_of_path(&p.path);
+                    problems.push(p);
+                }
+            }
+            ("secrets bundle".into(), problems)
+        }
+        Some(OSCONFIG_KIND) => match OsConfig::parse(text) {
+            Ok(_) => ("osconfig".into(), vec![]),
+            Err(p) => ("osconfig".into(), p.0),
+        },
+        _ => match MachineConfig::parse(text) {
+            Ok(cfg) => {
+                let roles: Vec<&str> = cfg.machine.roles.iter().map(|r| r.as_str()).collect();
+                (
+                    format!("machine config, roles: {}", roles.join(", ")),
+                    vec![],
+                )
+            }
+            Err(p) => ("machine config".into(), p.0),
+        },
+    }
+}
+
+impl Validate {
+    pub fn run(self) -> Result<ExitCode> {
+        let mut failed = false;
+        for path in &self.files {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("{}: cannot read: {e}", path.display());
+                    failed = true;
+                    continue;
+                }
+            };
+            let (what, problems) = check(&text);
+            if problems.is_empty() {
+                println!("{}: valid {what}", path.display());
+                continue;
+            }
+            failed = true;
+            for p in &problems {
+                let loc = match p.line {
+                    Some(l) => format!("{}:{l}", path.display()),
+                    None => path.display().to_string(),
+                };
+                if p.path.is_empty() {
+                    eprintln!("{loc}: {}", p.message);
+                } else {
+                    eprintln!("{loc}: {}: {}", p.path, p.message);
+                }
+            }
+            eprintln!(
+                "{}: invalid {what}: {} problem{}",
+                path.display(),
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            );
+        }
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+}
