@@ -2,6 +2,8 @@
 //! openssl verifies each chain and reads back subjects, SANs, key usages and
 //! lifetimes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -17,8 +19,8 @@ fn openssl(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .expect("openssl must be installed (apt-get install openssl)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -41,7 +43,9 @@ fn ext_values(cert: &str, ext: &str) -> BTreeSet<String> {
 }
 
 fn subject(cert: &str) -> String {
-    let (ok, text) = openssl(&["x509", "-in", cert, "-noout", "-subject", "-nameopt", "RFC2253"]);
+    let (ok, text) = openssl(&[
+        "x509", "-in", cert, "-noout", "-subject", "-nameopt", "RFC2253",
+    ]);
     assert!(ok, "{text}");
     text.trim().trim_start_matches("subject=").to_owned()
 }
@@ -98,7 +102,10 @@ fn every_ca_is_a_ten_year_ca_with_cert_sign() {
         assert!(ok, "{pub_from_key}");
         assert_eq!(pub_from_cert, pub_from_key, "{name}");
         let (ok, text) = openssl(&["pkey", "-in", &key, "-noout", "-text_pub"]);
-        assert!(ok && text.contains("prime256v1"), "{name}: not P-256: {text}");
+        assert!(
+            ok && text.contains("prime256v1"),
+            "{name}: not P-256: {text}"
+        );
     }
 }
 
@@ -106,7 +113,11 @@ fn every_ca_is_a_ten_year_ca_with_cert_sign() {
 fn every_node_leaf_verifies_and_has_kubeadm_subjects_sans_and_usages() {
     let dir = tempfile::tempdir().unwrap();
     let b = SecretsBundle::generate().unwrap();
-    let cfg = machine_config(&b, &input(), &[Role::Controlplane, Role::Etcd, Role::Worker]);
+    let cfg = machine_config(
+        &b,
+        &input(),
+        &[Role::Controlplane, Role::Etcd, Role::Worker],
+    );
     let node = NodeIdentity {
         name: "cp-1".into(),
         addresses: vec!["10.5.0.2".parse().unwrap()],
@@ -129,22 +140,42 @@ fn every_node_leaf_verifies_and_has_kubeadm_subjects_sans_and_usages() {
         "kubelet-serving",
         "kube-proxy",
     ] {
-        assert!(names.contains(expected), "missing leaf {expected}: {names:?}");
+        assert!(
+            names.contains(expected),
+            "missing leaf {expected}: {names:?}"
+        );
     }
     let cas = [
         (Signer::Os, write(dir.path(), "os-ca.crt", &b.os_ca.crt)),
-        (Signer::Kubernetes, write(dir.path(), "k8s-ca.crt", &b.kubernetes_ca.crt)),
-        (Signer::Etcd, write(dir.path(), "etcd-ca.crt", &b.etcd_ca.crt)),
-        (Signer::FrontProxy, write(dir.path(), "fp-ca.crt", &b.front_proxy_ca.crt)),
+        (
+            Signer::Kubernetes,
+            write(dir.path(), "k8s-ca.crt", &b.kubernetes_ca.crt),
+        ),
+        (
+            Signer::Etcd,
+            write(dir.path(), "etcd-ca.crt", &b.etcd_ca.crt),
+        ),
+        (
+            Signer::FrontProxy,
+            write(dir.path(), "fp-ca.crt", &b.front_proxy_ca.crt),
+        ),
     ];
     for leaf in &leaves {
-        let crt = write(dir.path(), &format!("{}.crt", leaf.name), &leaf.pem.cert_pem);
+        let crt = write(
+            dir.path(),
+            &format!("{}.crt", leaf.name),
+            &leaf.pem.cert_pem,
+        );
         for (signer, ca) in &cas {
             let (ok, text) = openssl(&["verify", "-CAfile", ca, &crt]);
             if *signer == leaf.signer {
                 assert!(ok, "{}: does not verify against its CA: {text}", leaf.name);
             } else {
-                assert!(!ok, "{}: verifies against the wrong CA {signer:?}", leaf.name);
+                assert!(
+                    !ok,
+                    "{}: verifies against the wrong CA {signer:?}",
+                    leaf.name
+                );
             }
         }
         // Purpose checks: openssl's own notion of server/client use.
@@ -172,9 +203,17 @@ fn every_node_leaf_verifies_and_has_kubeadm_subjects_sans_and_usages() {
         .map(|s| s.to_string())
         .collect();
         assert_eq!(eku, want, "{}", leaf.name);
-        assert!(ext_values(&crt, "basicConstraints").contains("CA:FALSE"), "{}", leaf.name);
+        assert!(
+            ext_values(&crt, "basicConstraints").contains("CA:FALSE"),
+            "{}",
+            leaf.name
+        );
         let days = days_valid(&crt);
-        assert!((363..=365).contains(&days), "{}: valid {days} days", leaf.name);
+        assert!(
+            (363..=365).contains(&days),
+            "{}: valid {days} days",
+            leaf.name
+        );
     }
 
     let by = |n: &str| {
@@ -182,7 +221,11 @@ fn every_node_leaf_verifies_and_has_kubeadm_subjects_sans_and_usages() {
         write(dir.path(), &format!("{n}.crt"), &l.pem.cert_pem)
     };
     let sans = |n: &str| ext_values(&by(n), "subjectAltName");
-    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+    let set = |v: &[&str]| {
+        v.iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<String>>()
+    };
 
     assert_eq!(
         sans("apiserver"),
@@ -209,22 +252,46 @@ fn every_node_leaf_verifies_and_has_kubeadm_subjects_sans_and_usages() {
     assert_eq!(sans("etcd/server"), etcd_sans);
     assert_eq!(sans("etcd/peer"), etcd_sans);
     assert!(sans("os-api").contains("IP Address:10.5.0.2"));
-    assert_eq!(sans("kubelet-serving"), set(&["DNS:cp-1", "IP Address:10.5.0.2"]));
+    assert_eq!(
+        sans("kubelet-serving"),
+        set(&["DNS:cp-1", "IP Address:10.5.0.2"])
+    );
 
     assert_eq!(subject(&by("apiserver")), "CN=kube-apiserver");
     assert_eq!(
         subject(&by("apiserver-kubelet-client")),
         "CN=kube-apiserver-kubelet-client,O=kubeadm:cluster-admins"
     );
-    assert_eq!(subject(&by("apiserver-etcd-client")), "CN=kube-apiserver-etcd-client");
+    assert_eq!(
+        subject(&by("apiserver-etcd-client")),
+        "CN=kube-apiserver-etcd-client"
+    );
     assert_eq!(subject(&by("front-proxy-client")), "CN=front-proxy-client");
-    assert_eq!(subject(&by("admin")), "CN=kubernetes-admin,O=kubeadm:cluster-admins");
-    assert_eq!(subject(&by("super-admin")), "CN=kubernetes-super-admin,O=system:masters");
-    assert_eq!(subject(&by("controller-manager")), "CN=system:kube-controller-manager");
+    assert_eq!(
+        subject(&by("admin")),
+        "CN=kubernetes-admin,O=kubeadm:cluster-admins"
+    );
+    assert_eq!(
+        subject(&by("super-admin")),
+        "CN=kubernetes-super-admin,O=system:masters"
+    );
+    assert_eq!(
+        subject(&by("controller-manager")),
+        "CN=system:kube-controller-manager"
+    );
     assert_eq!(subject(&by("scheduler")), "CN=system:kube-scheduler");
-    assert_eq!(subject(&by("kubelet-client")), "CN=system:node:cp-1,O=system:nodes");
-    assert_eq!(subject(&by("kube-proxy")), "CN=system:kube-proxy,O=system:node-proxier");
-    assert_eq!(subject(&by("etcd/healthcheck-client")), "CN=kube-etcd-healthcheck-client");
+    assert_eq!(
+        subject(&by("kubelet-client")),
+        "CN=system:node:cp-1,O=system:nodes"
+    );
+    assert_eq!(
+        subject(&by("kube-proxy")),
+        "CN=system:kube-proxy,O=system:node-proxier"
+    );
+    assert_eq!(
+        subject(&by("etcd/healthcheck-client")),
+        "CN=kube-etcd-healthcheck-client"
+    );
 }
 
 #[test]
@@ -256,6 +323,11 @@ fn a_worker_leaf_set_needs_no_ca_key_but_an_etcd_node_gets_etcd_certs() {
         .collect();
     assert_eq!(
         names,
-        ["os-api", "etcd/server", "etcd/peer", "etcd/healthcheck-client"]
+        [
+            "os-api",
+            "etcd/server",
+            "etcd/peer",
+            "etcd/healthcheck-client"
+        ]
     );
 }

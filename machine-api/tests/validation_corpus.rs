@@ -1,6 +1,8 @@
 //! A corpus of bad machine configs: each must be refused with the right
 //! field path (and line, where the document has one).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::sync::OnceLock;
 
 use machine_api::config::generate::{machine_config, ClusterInput};
@@ -43,7 +45,11 @@ fn set(doc: &mut Value, pointer: &str, v: Value) {
 fn problems_of(text: &str) -> Vec<(String, Option<usize>, String)> {
     match MachineConfig::parse(text) {
         Ok(_) => vec![],
-        Err(p) => p.0.into_iter().map(|p| (p.path, p.line, p.message)).collect(),
+        Err(p) => {
+            p.0.into_iter()
+                .map(|p| (p.path, p.line, p.message))
+                .collect()
+        }
     }
 }
 
@@ -67,7 +73,12 @@ const W: &[Role] = &[Role::Worker];
 
 #[test]
 fn generated_configs_are_valid() {
-    for roles in [CP, W, &[Role::Etcd], &[Role::Controlplane, Role::Etcd, Role::Worker]] {
+    for roles in [
+        CP,
+        W,
+        &[Role::Etcd],
+        &[Role::Controlplane, Role::Etcd, Role::Worker],
+    ] {
         let text = serde_norway::to_string(&base(roles)).unwrap();
         assert_eq!(problems_of(&text), vec![], "roles {roles:?}");
     }
@@ -75,102 +86,337 @@ fn generated_configs_are_valid() {
 
 #[test]
 fn corpus_of_bad_documents() {
-    type Case = (&'static str, &'static [Role], fn(&mut Value), &'static [&'static str]);
+    type Case = (
+        &'static str,
+        &'static [Role],
+        fn(&mut Value),
+        &'static [&'static str],
+    );
     let other = SecretsBundle::generate().unwrap();
     let other_etcd_key = other.etcd_ca.key.clone();
     let cases: Vec<Case> = vec![
-        ("overlapping pod and service CIDRs", CP, |d| {
-            set(d, "/cluster/network/serviceCIDRs", json!(["10.244.0.0/20"]))
-        }, &["cluster.network.serviceCIDRs[0]"]),
-        ("CIDR that does not parse", CP, |d| {
-            set(d, "/cluster/network/podCIDRs", json!(["10.244.0.0/99"]))
-        }, &["cluster.network.podCIDRs[0]"]),
-        ("CIDR with host bits", CP, |d| {
-            set(d, "/cluster/network/podCIDRs", json!(["10.244.1.0/16"]))
-        }, &["cluster.network.podCIDRs[0]"]),
-        ("service CIDR too large", CP, |d| {
-            set(d, "/cluster/network/serviceCIDRs", json!(["10.0.0.0/8"]))
-        }, &["cluster.network.serviceCIDRs[0]"]),
-        ("two IPv4 pod CIDRs", CP, |d| {
-            set(d, "/cluster/network/podCIDRs", json!(["10.244.0.0/16", "10.245.0.0/16"]))
-        }, &["cluster.network.podCIDRs[1]"]),
-        ("worker carrying a CA key", W, |d| {
-            let key = bundle().kubernetes_ca.key.clone();
-            set(d, "/secrets/kubernetesCA/key", json!(key))
-        }, &["secrets.kubernetesCA.key"]),
-        ("worker carrying the service-account key", W, |d| {
-            let key = bundle().service_account_key.clone();
-            set(d, "/secrets/serviceAccountKey", json!(key))
-        }, &["secrets.serviceAccountKey"]),
-        ("controlplane without the Kubernetes CA key", CP, |d| {
-            set(d, "/secrets/kubernetesCA/key", Value::Null)
-        }, &["secrets.kubernetesCA.key"]),
-        ("etcd CA key of another cluster", CP, |_| {}, &["secrets.etcdCA.key"]),
-        ("endpoint that is not https", CP, |d| {
-            set(d, "/cluster/controlPlane/endpoint", json!("http://10.5.0.2:6443"))
-        }, &["cluster.controlPlane.endpoint"]),
-        ("endpoint that is not a URL", CP, |d| {
-            set(d, "/cluster/controlPlane/endpoint", json!("10.5.0.2:6443"))
-        }, &["cluster.controlPlane.endpoint"]),
-        ("unknown role", CP, |d| set(d, "/machine/roles/0", json!("master")), &["machine.roles[0]"]),
-        ("no roles", CP, |d| set(d, "/machine/roles", json!([])), &["machine.roles"]),
-        ("role twice", CP, |d| set(d, "/machine/roles", json!(["etcd", "etcd"])), &["machine.roles[1]"]),
-        ("controlplane with nowhere to find etcd", CP, |d| {
-            set(d, "/machine/roles", json!(["controlplane"]))
-        }, &["cluster.etcd"]),
-        ("roles as a string", CP, |d| set(d, "/machine/roles", json!("worker")), &["machine.roles"]),
-        ("unknown field", CP, |d| set(d, "/cluster/podCidr", json!("10.0.0.0/8")), &["cluster.podCidr"]),
-        ("duplicate addresses", W, |d| {
-            set(d, "/machine/network", json!({"interfaces": [
+        (
+            "overlapping pod and service CIDRs",
+            CP,
+            |d| set(d, "/cluster/network/serviceCIDRs", json!(["10.244.0.0/20"])),
+            &["cluster.network.serviceCIDRs[0]"],
+        ),
+        (
+            "CIDR that does not parse",
+            CP,
+            |d| set(d, "/cluster/network/podCIDRs", json!(["10.244.0.0/99"])),
+            &["cluster.network.podCIDRs[0]"],
+        ),
+        (
+            "CIDR with host bits",
+            CP,
+            |d| set(d, "/cluster/network/podCIDRs", json!(["10.244.1.0/16"])),
+            &["cluster.network.podCIDRs[0]"],
+        ),
+        (
+            "service CIDR too large",
+            CP,
+            |d| set(d, "/cluster/network/serviceCIDRs", json!(["10.0.0.0/8"])),
+            &["cluster.network.serviceCIDRs[0]"],
+        ),
+        (
+            "two IPv4 pod CIDRs",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/network/podCIDRs",
+                    json!(["10.244.0.0/16", "10.245.0.0/16"]),
+                )
+            },
+            &["cluster.network.podCIDRs[1]"],
+        ),
+        (
+            "worker carrying a CA key",
+            W,
+            |d| {
+                let key = bundle().kubernetes_ca.key.clone();
+                set(d, "/secrets/kubernetesCA/key", json!(key))
+            },
+            &["secrets.kubernetesCA.key"],
+        ),
+        (
+            "worker carrying the service-account key",
+            W,
+            |d| {
+                let key = bundle().service_account_key.clone();
+                set(d, "/secrets/serviceAccountKey", json!(key))
+            },
+            &["secrets.serviceAccountKey"],
+        ),
+        (
+            "controlplane without the Kubernetes CA key",
+            CP,
+            |d| set(d, "/secrets/kubernetesCA/key", Value::Null),
+            &["secrets.kubernetesCA.key"],
+        ),
+        (
+            "etcd CA key of another cluster",
+            CP,
+            |_| {},
+            &["secrets.etcdCA.key"],
+        ),
+        (
+            "endpoint that is not https",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/controlPlane/endpoint",
+                    json!("http://10.5.0.2:6443"),
+                )
+            },
+            &["cluster.controlPlane.endpoint"],
+        ),
+        (
+            "endpoint that is not a URL",
+            CP,
+            |d| set(d, "/cluster/controlPlane/endpoint", json!("10.5.0.2:6443")),
+            &["cluster.controlPlane.endpoint"],
+        ),
+        (
+            "unknown role",
+            CP,
+            |d| set(d, "/machine/roles/0", json!("master")),
+            &["machine.roles[0]"],
+        ),
+        (
+            "no roles",
+            CP,
+            |d| set(d, "/machine/roles", json!([])),
+            &["machine.roles"],
+        ),
+        (
+            "role twice",
+            CP,
+            |d| set(d, "/machine/roles", json!(["etcd", "etcd"])),
+            &["machine.roles[1]"],
+        ),
+        (
+            "controlplane with nowhere to find etcd",
+            CP,
+            |d| set(d, "/machine/roles", json!(["controlplane"])),
+            &["cluster.etcd"],
+        ),
+        (
+            "roles as a string",
+            CP,
+            |d| set(d, "/machine/roles", json!("worker")),
+            &["machine.roles"],
+        ),
+        (
+            "unknown field",
+            CP,
+            |d| set(d, "/cluster/podCidr", json!("10.0.0.0/8")),
+            &["cluster.podCidr"],
+        ),
+        (
+            "duplicate addresses",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/network",
+                    json!({"interfaces": [
                 {"name": "eth0", "addresses": ["192.168.1.10/24"]},
-                {"name": "eth1", "addresses": ["192.168.1.10/24"]}]}))
-        }, &["machine.network.interfaces[1].addresses[0]"]),
-        ("duplicate interface", W, |d| {
-            set(d, "/machine/network", json!({"interfaces": [
-                {"name": "eth0", "dhcp": true}, {"name": "eth0", "dhcp": true}]}))
-        }, &["machine.network.interfaces[1].name"]),
-        ("interface with neither DHCP nor address", W, |d| {
-            set(d, "/machine/network", json!({"interfaces": [{"name": "eth0"}]}))
-        }, &["machine.network.interfaces[0]"]),
-        ("gateway of the wrong family", W, |d| {
-            set(d, "/machine/network", json!({"interfaces": [{"name": "eth0", "dhcp": true,
-                "routes": [{"network": "0.0.0.0/0", "gateway": "fd00::1"}]}]}))
-        }, &["machine.network.interfaces[0].routes[0].gateway"]),
-        ("node address inside the pod network", W, |d| {
-            set(d, "/machine/network", json!({"interfaces": [{"name": "eth0", "addresses": ["10.244.3.4/24"]}]}))
-        }, &["machine.network.interfaces[0].addresses[0]"]),
-        ("bad nameserver", W, |d| {
-            set(d, "/machine/network", json!({"nameservers": ["1.1.1"]}))
-        }, &["machine.network.nameservers[0]"]),
-        ("bad hostname", W, |d| set(d, "/machine/hostname", json!("Node_1")), &["machine.hostname"]),
-        ("install disk that is not a device", W, |d| set(d, "/machine/installDisk", json!("sda")), &["machine.installDisk"]),
-        ("bad kernel module name", W, |d| set(d, "/machine/kernelModules", json!(["br netfilter"])), &["machine.kernelModules[0]"]),
-        ("flag written with dashes", CP, |d| {
-            set(d, "/cluster/apiServer", json!({"extraArgs": {"--v": 2}}))
-        }, &["cluster.apiServer.extraArgs.--v"]),
-        ("pre-release Kubernetes", CP, |d| set(d, "/cluster/kubernetesVersion", json!("1.35.0-rc.1")), &["cluster.kubernetesVersion"]),
-        ("unsupported Kubernetes", CP, |d| set(d, "/cluster/kubernetesVersion", json!("1.20.0")), &["cluster.kubernetesVersion"]),
-        ("wrong apiVersion", CP, |d| set(d, "/apiVersion", json!("v2")), &["apiVersion"]),
-        ("wrong kind", CP, |d| set(d, "/kind", json!("Pod")), &["kind"]),
-        ("cluster name with dots", CP, |d| set(d, "/cluster/name", json!("a.b")), &["cluster.name"]),
-        ("etcd endpoint over http and duplicated", CP, |d| {
-            set(d, "/cluster/etcd", json!({"endpoints": ["http://10.5.0.3:2379", "http://10.5.0.3:2379"]}))
-        }, &["cluster.etcd.endpoints[0]", "cluster.etcd.endpoints[1]"]),
-        ("node pod CIDR outside the cluster's", CP, |d| {
-            set(d, "/cluster/network/nodePodCIDR", json!({"cidr": "10.9.0.0/24"}))
-        }, &["cluster.network.nodePodCIDR.cidr"]),
-        ("node pod CIDR both allocated and fixed", CP, |d| {
-            set(d, "/cluster/network/nodePodCIDR", json!({"maskSize": 24, "cidr": "10.244.9.0/24"}))
-        }, &["cluster.network.nodePodCIDR"]),
-        ("bad bootstrap token", W, |d| set(d, "/secrets/bootstrapToken", json!("abc")), &["secrets.bootstrapToken"]),
-        ("short encryption secret", CP, |d| set(d, "/secrets/secretboxEncryptionSecret", json!("c2hvcnQ=")), &["secrets.secretboxEncryptionSecret"]),
-        ("CA certificate that is not PEM", W, |d| set(d, "/secrets/osCA/crt", json!("hello")), &["secrets.osCA.crt"]),
-        ("MTU out of range", W, |d| {
-            set(d, "/machine/network", json!({"interfaces": [{"name": "eth0", "dhcp": true, "mtu": 100}]}))
-        }, &["machine.network.interfaces[0].mtu"]),
-        ("MTU of the wrong type", W, |d| {
-            set(d, "/machine/network", json!({"interfaces": [{"name": "eth0", "dhcp": true, "mtu": "big"}]}))
-        }, &["machine.network.interfaces[0].mtu"]),
+                {"name": "eth1", "addresses": ["192.168.1.10/24"]}]}),
+                )
+            },
+            &["machine.network.interfaces[1].addresses[0]"],
+        ),
+        (
+            "duplicate interface",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/network",
+                    json!({"interfaces": [
+                {"name": "eth0", "dhcp": true}, {"name": "eth0", "dhcp": true}]}),
+                )
+            },
+            &["machine.network.interfaces[1].name"],
+        ),
+        (
+            "interface with neither DHCP nor address",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/network",
+                    json!({"interfaces": [{"name": "eth0"}]}),
+                )
+            },
+            &["machine.network.interfaces[0]"],
+        ),
+        (
+            "gateway of the wrong family",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/network",
+                    json!({"interfaces": [{"name": "eth0", "dhcp": true,
+                "routes": [{"network": "0.0.0.0/0", "gateway": "fd00::1"}]}]}),
+                )
+            },
+            &["machine.network.interfaces[0].routes[0].gateway"],
+        ),
+        (
+            "node address inside the pod network",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/network",
+                    json!({"interfaces": [{"name": "eth0", "addresses": ["10.244.3.4/24"]}]}),
+                )
+            },
+            &["machine.network.interfaces[0].addresses[0]"],
+        ),
+        (
+            "bad nameserver",
+            W,
+            |d| set(d, "/machine/network", json!({"nameservers": ["1.1.1"]})),
+            &["machine.network.nameservers[0]"],
+        ),
+        (
+            "bad hostname",
+            W,
+            |d| set(d, "/machine/hostname", json!("Node_1")),
+            &["machine.hostname"],
+        ),
+        (
+            "install disk that is not a device",
+            W,
+            |d| set(d, "/machine/installDisk", json!("sda")),
+            &["machine.installDisk"],
+        ),
+        (
+            "bad kernel module name",
+            W,
+            |d| set(d, "/machine/kernelModules", json!(["br netfilter"])),
+            &["machine.kernelModules[0]"],
+        ),
+        (
+            "flag written with dashes",
+            CP,
+            |d| set(d, "/cluster/apiServer", json!({"extraArgs": {"--v": 2}})),
+            &["cluster.apiServer.extraArgs.--v"],
+        ),
+        (
+            "pre-release Kubernetes",
+            CP,
+            |d| set(d, "/cluster/kubernetesVersion", json!("1.35.0-rc.1")),
+            &["cluster.kubernetesVersion"],
+        ),
+        (
+            "unsupported Kubernetes",
+            CP,
+            |d| set(d, "/cluster/kubernetesVersion", json!("1.20.0")),
+            &["cluster.kubernetesVersion"],
+        ),
+        (
+            "wrong apiVersion",
+            CP,
+            |d| set(d, "/apiVersion", json!("v2")),
+            &["apiVersion"],
+        ),
+        (
+            "wrong kind",
+            CP,
+            |d| set(d, "/kind", json!("Pod")),
+            &["kind"],
+        ),
+        (
+            "cluster name with dots",
+            CP,
+            |d| set(d, "/cluster/name", json!("a.b")),
+            &["cluster.name"],
+        ),
+        (
+            "etcd endpoint over http and duplicated",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/etcd",
+                    json!({"endpoints": ["http://10.5.0.3:2379", "http://10.5.0.3:2379"]}),
+                )
+            },
+            &["cluster.etcd.endpoints[0]", "cluster.etcd.endpoints[1]"],
+        ),
+        (
+            "node pod CIDR outside the cluster's",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/network/nodePodCIDR",
+                    json!({"cidr": "10.9.0.0/24"}),
+                )
+            },
+            &["cluster.network.nodePodCIDR.cidr"],
+        ),
+        (
+            "node pod CIDR both allocated and fixed",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/network/nodePodCIDR",
+                    json!({"maskSize": 24, "cidr": "10.244.9.0/24"}),
+                )
+            },
+            &["cluster.network.nodePodCIDR"],
+        ),
+        (
+            "bad bootstrap token",
+            W,
+            |d| set(d, "/secrets/bootstrapToken", json!("abc")),
+            &["secrets.bootstrapToken"],
+        ),
+        (
+            "short encryption secret",
+            CP,
+            |d| set(d, "/secrets/secretboxEncryptionSecret", json!("c2hvcnQ=")),
+            &["secrets.secretboxEncryptionSecret"],
+        ),
+        (
+            "CA certificate that is not PEM",
+            W,
+            |d| set(d, "/secrets/osCA/crt", json!("hello")),
+            &["secrets.osCA.crt"],
+        ),
+        (
+            "MTU out of range",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/network",
+                    json!({"interfaces": [{"name": "eth0", "dhcp": true, "mtu": 100}]}),
+                )
+            },
+            &["machine.network.interfaces[0].mtu"],
+        ),
+        (
+            "MTU of the wrong type",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/network",
+                    json!({"interfaces": [{"name": "eth0", "dhcp": true, "mtu": "big"}]}),
+                )
+            },
+            &["machine.network.interfaces[0].mtu"],
+        ),
     ];
     for (name, roles, mutate, paths) in cases {
         let mut doc = base(roles);
@@ -187,9 +433,21 @@ fn every_problem_is_reported_in_one_run_with_original_indices() {
     let mut doc = base(W);
     set(&mut doc, "/machine/roles", json!(["worker", "wrker"]));
     set(&mut doc, "/machine/bogus", json!(1));
-    set(&mut doc, "/cluster/controlPlane/endpoint", json!("http://10.5.0.2:6443"));
-    set(&mut doc, "/cluster/network/podCIDRs", json!(["10.244.0.0/99", "fd00::/48"]));
-    set(&mut doc, "/cluster/network/serviceCIDRs", json!(["10.96.0.0/12", "banana"]));
+    set(
+        &mut doc,
+        "/cluster/controlPlane/endpoint",
+        json!("http://10.5.0.2:6443"),
+    );
+    set(
+        &mut doc,
+        "/cluster/network/podCIDRs",
+        json!(["10.244.0.0/99", "fd00::/48"]),
+    );
+    set(
+        &mut doc,
+        "/cluster/network/serviceCIDRs",
+        json!(["10.96.0.0/12", "banana"]),
+    );
     let text = serde_norway::to_string(&doc).unwrap();
     let paths: Vec<String> = problems_of(&text).into_iter().map(|p| p.0).collect();
     for want in [
@@ -207,9 +465,15 @@ fn every_problem_is_reported_in_one_run_with_original_indices() {
 fn lines_point_at_the_offending_field() {
     let text = "apiVersion: v1alpha1\nkind: MachineConfig\nmachine:\n  roles:\n    - worker\n    - wrker\n";
     let got = problems_of(text);
-    let role = got.iter().find(|p| p.0 == "machine.roles[1]").expect("role problem");
+    let role = got
+        .iter()
+        .find(|p| p.0 == "machine.roles[1]")
+        .expect("role problem");
     assert_eq!(role.1, Some(6));
-    let missing = got.iter().find(|p| p.0 == "cluster").expect("missing cluster");
+    let missing = got
+        .iter()
+        .find(|p| p.0 == "cluster")
+        .expect("missing cluster");
     assert!(missing.2.contains("missing"), "{missing:?}");
 }
 

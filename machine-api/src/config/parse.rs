@@ -175,24 +175,16 @@ impl MarkedEventReceiver for LineRecorder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         let line = mark.line();
         match ev {
-            Event::Scalar(text, ..) => {
-                if !self.take_key(&text, line) {
-                    self.record(line);
-                    self.value_done();
-                }
-            }
-            Event::Alias(_) => {
-                if !self.take_key("*alias", line) {
-                    self.record(line);
-                    self.value_done();
-                }
+            Event::Scalar(ref text, ..) if self.take_key(text, line) => {}
+            Event::Alias(_) if self.take_key("*alias", line) => {}
+            Event::Scalar(..) | Event::Alias(_) => {
+                self.record(line);
+                self.value_done();
             }
             Event::MappingStart(..) | Event::SequenceStart(..) => {
                 // A container used as a map key is not something a config
-                // has; record a placeholder key so the frames stay aligned.
-                if self.take_key("?complex", line) {
-                    // fall through: the container itself is the key
-                }
+                // has; a placeholder key keeps the frames aligned.
+                self.take_key("?complex", line);
                 self.record(line);
                 self.stack.push(if matches!(ev, Event::MappingStart(..)) {
                     Frame::Map { key: None }

@@ -190,7 +190,7 @@ fn machine(m: &Machine, r: &mut Report) {
             }
         }
     }
-    for (k, _) in &m.sysctls {
+    for k in m.sysctls.keys() {
         if !is_sysctl_key(k) {
             r.add(
                 format!("machine.sysctls[{k:?}]"),

@@ -67,12 +67,16 @@ pub struct SecretsBundle {
     pub api_version: String,
     pub kind: String,
     /// CA of the OS API.
+    #[serde(rename = "osCA")]
     pub os_ca: CaPem,
     /// Kubernetes CA.
+    #[serde(rename = "kubernetesCA")]
     pub kubernetes_ca: CaPem,
     /// etcd CA.
+    #[serde(rename = "etcdCA")]
     pub etcd_ca: CaPem,
     /// Front-proxy CA.
+    #[serde(rename = "frontProxyCA")]
     pub front_proxy_ca: CaPem,
     /// Service-account token signing key (PEM).
     pub service_account_key: String,

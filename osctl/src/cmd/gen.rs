@@ -152,7 +152,9 @@ fn patched(name: &str, cfg: &MachineConfig, patches: &[&ConfigPatch]) -> Result<
             .with_context(|| format!("cannot patch {name}"))?;
     }
     let yaml = serde_norway::to_string(&doc).context("serialize patched config")?;
-    MachineConfig::parse(&yaml).map_err(|problems| {
+    // Written back from the typed document, so the file is in canonical
+    // form whatever shape the patch used (e.g. sysctl values as strings).
+    let cfg = MachineConfig::parse(&yaml).map_err(|problems| {
         anyhow!(
             "{name} is invalid after patching:\n{}",
             problems
@@ -163,7 +165,7 @@ fn patched(name: &str, cfg: &MachineConfig, patches: &[&ConfigPatch]) -> Result<
                 .join("\n")
         )
     })?;
-    Ok(yaml)
+    Ok(cfg.to_yaml())
 }
 
 fn header(what: &str) -> String {

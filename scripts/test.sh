@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command: formatting, lints, and every test of the workspace
+# (unit tests and integration tests that start real processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --locked
+cargo nextest run --workspace --locked --no-fail-fast
