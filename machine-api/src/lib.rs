@@ -5,3 +5,14 @@ pub mod atomic;
 pub mod config;
 pub mod osconfig;
 pub mod pki;
+
+/// The gRPC API (generated from `proto/machine.proto`).
+#[allow(clippy::all, missing_debug_implementations)]
+pub mod proto {
+    tonic::include_proto!("machine.v1alpha1");
+
+    /// The encoded `FileDescriptorSet` of the API: lets tests enumerate
+    /// every RPC, and clients reflect on it.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/machine_descriptor.bin"));
+}

@@ -1,13 +1,227 @@
-//! machined: the node agent beside PID 1.
+//! machined entry point: parse flags, pick node or host mode, run.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use clap::Parser;
+use machined::node::{Control, Node, Options};
+use machined::paths::Paths;
+use machined::supervisor::{Supervisor, SupervisorPaths};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tracing::{error, info, warn};
 
 #[derive(Debug, Parser)]
-#[command(name = "machined", version, about = "Node agent (not yet available)")]
-struct Cli {}
+#[command(name = "machined", version, about = "The node agent: OS API, machine config, services")]
+struct Cli {
+    /// Host mode: run as an ordinary process with all state under DIR
+    /// (for tests and debugging). Without it, machined runs as the node agent.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Address of the OS API.
+    #[arg(long, default_value = "0.0.0.0:50000")]
+    listen: SocketAddr,
+    /// Directory with etcd, containerd, runc and the shims (default: PATH).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// This node's address for etcd and certificates (default: the listen
+    /// address, or 127.0.0.1 when that is unspecified).
+    #[arg(long)]
+    node_ip: Option<IpAddr>,
+    /// Node name when the config names none (default: the host name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Maintenance token (default: random per boot, printed on the console;
+    /// on a node also `machined.token=` on the kernel command line).
+    #[arg(long, env = "MACHINED_MAINTENANCE_TOKEN", hide_env_values = true)]
+    maintenance_token: Option<String>,
+    /// Accept a config in maintenance mode without a token (labs only).
+    #[arg(long, conflicts_with = "maintenance_token")]
+    no_maintenance_token: bool,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "MACHINED_LOG", default_value = "info")]
+    log: String,
+}
 
-fn main() -> std::process::ExitCode {
-    Cli::parse();
-    eprintln!("error: machined has no functionality in this release yet; the node agent is tracked as its own issue");
-    std::process::ExitCode::FAILURE
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// A cgroup this machined owns: one per root in host mode, so several
+/// machined processes on a host do not share one.
+fn cgroup_base(root: &Path, host_mode: bool) -> Option<PathBuf> {
+    let mount = cgroup2_mount()?;
+    let name = if host_mode {
+        let h = hex::encode(Sha256::digest(root.display().to_string()));
+        format!("machined-{}", &h[..12])
+    } else {
+        "machined".into()
+    };
+    let base = mount.join(name);
+    match std::fs::create_dir_all(&base) {
+        Ok(()) => Some(base),
+        Err(e) => {
+            warn!("cgroups unavailable at {} ({e}): services run without them", base.display());
+            None
+        }
+    }
+}
+
+fn kernel_cmdline_token() -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("machined.token="))
+        .map(str::to_owned)
+}
+
+/// The maintenance token: given, or random and kept for this boot under
+/// /run so a machined restart shows the same one.
+fn maintenance_token(cli: &Cli, paths: &Paths, host_mode: bool) -> Option<String> {
+    if cli.no_maintenance_token {
+        return None;
+    }
+    if let Some(t) = &cli.maintenance_token {
+        return Some(t.clone());
+    }
+    if !host_mode {
+        if let Some(t) = kernel_cmdline_token() {
+            return Some(t);
+        }
+    }
+    let file = paths.services_dir().join("../maintenance-token");
+    if let Ok(t) = std::fs::read_to_string(&file) {
+        if !t.trim().is_empty() {
+            return Some(t.trim().to_owned());
+        }
+    }
+    let mut rng = rand::rng();
+    let token: String = (0..20)
+        .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rng.random_range(0..32)]))
+        .collect();
+    let _ = machine_api::atomic::write_atomic(&file, token.as_bytes(), 0o600);
+    Some(token)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("machined: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let host_mode = cli.root.is_some();
+    let root = cli.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let root = std::fs::canonicalize(&root).unwrap_or(root);
+    let paths = Paths::new(&root);
+    paths.create_all()?;
+    let node_ip = cli.node_ip.unwrap_or(match cli.listen.ip() {
+        ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        ip => ip,
+    });
+    let default_hostname = cli.hostname.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "node".into())
+            .to_lowercase()
+    });
+    let supervisor = Supervisor::new(SupervisorPaths {
+        state_dir: paths.services_dir(),
+        log_dir: paths.log_dir(),
+        cgroup_base: cgroup_base(&root, host_mode),
+    })?;
+    let opts = Options {
+        maintenance_token: maintenance_token(&cli, &paths, host_mode),
+        paths,
+        bin_dir: cli.bin_dir.clone(),
+        listen: cli.listen,
+        node_ip,
+        default_hostname,
+        host_mode,
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let node = Node::new(opts, supervisor.clone(), tx);
+    node.boot().await?;
+    spawn_state_printer(&supervisor);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let next = tokio::select! {
+        c = machined::api::serve(node.clone(), rx) => c,
+        _ = term.recv() => {
+            info!("SIGTERM: machined exits; services keep running and are adopted by the next machined");
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ = tokio::signal::ctrl_c() => {
+            info!("interrupted: machined exits; services keep running");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    info!("stopping services in reverse dependency order");
+    supervisor.stop_all().await;
+    match next {
+        Control::Reboot if host_mode => {
+            // Host mode has no kernel to reboot: start machined afresh, which
+            // promotes a staged config exactly as a boot does.
+            use std::os::unix::process::CommandExt;
+            let exe = std::env::current_exe()?;
+            let err = std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .exec();
+            Err(anyhow::anyhow!("cannot re-execute machined: {err}"))
+        }
+        Control::Reboot => {
+            // Exit code 10 asks init to reboot (PID-1 duties live in init).
+            Ok(ExitCode::from(10))
+        }
+        _ => {
+            info!("shut down");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Service state changes on the console, as they happen.
+fn spawn_state_printer(supervisor: &Supervisor) {
+    let mut rx = supervisor.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(s) => {
+                    let msg = if s.message.is_empty() { String::new() } else { format!(": {}", s.message) };
+                    eprintln!("[service] {} {}{msg}", s.name, s.state);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        }
+    });
 }

@@ -1,5 +1,6 @@
 //! osctl: the operator's CLI. One file per verb under `cmd/`.
 
+mod client;
 mod cmd;
 mod files;
 mod patch;
@@ -9,12 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "osctl",
-    version,
-    about = "Operate nodes of the immutable Kubernetes OS",
-    propagate_version = true
-)]
+#[command(name = "osctl", version, about = "Operate nodes of the immutable Kubernetes OS")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +26,32 @@ enum Command {
     /// Print generated reference material (JSON Schema, field reference).
     #[command(subcommand)]
     Docs(cmd::docs::Docs),
+    /// Client and node versions.
+    Version(cmd::version::Version),
+    /// Send a machine config to nodes.
+    ApplyConfig(cmd::apply_config::ApplyConfig),
+    /// Keep a config applied with `--mode try`.
+    Confirm(cmd::confirm::Confirm),
+    /// Show a node resource.
+    Get(cmd::get::Get),
+    /// List services with state, health, restarts and resource use.
+    Services(cmd::services::Services),
+    /// Show, start, stop or restart one service.
+    Service(cmd::services::Service),
+    /// A service's output.
+    Logs(cmd::logs::Logs),
+    /// Node health; `--wait` until healthy.
+    Health(cmd::health::Health),
+    /// Create the etcd cluster on the first etcd node.
+    Bootstrap(cmd::bootstrap::Bootstrap),
+    /// etcd membership and status.
+    Etcd(cmd::etcd::Etcd),
+    /// Reboot nodes (services stop in reverse dependency order first).
+    Reboot(cmd::power::Power),
+    /// Shut nodes down (services stop in reverse dependency order first).
+    Shutdown(cmd::power::Power),
+    /// Wipe config and data; nodes return to maintenance mode.
+    Reset(cmd::power::Reset),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +60,14 @@ fn main() -> ExitCode {
         Command::Gen(g) => g.run(),
         Command::Validate(v) => v.run(),
         Command::Docs(d) => d.run(),
+        other => match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(run_node_verb(other)),
+            Err(e) => Err(anyhow::anyhow!("cannot start the runtime: {e}")),
+        },
     };
     match result {
         Ok(code) => code,
@@ -45,5 +75,24 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn run_node_verb(c: Command) -> anyhow::Result<ExitCode> {
+    match c {
+        Command::Version(v) => v.run().await,
+        Command::ApplyConfig(a) => a.run().await,
+        Command::Confirm(c) => c.run().await,
+        Command::Get(g) => g.run().await,
+        Command::Services(s) => s.run().await,
+        Command::Service(s) => s.run().await,
+        Command::Logs(l) => l.run().await,
+        Command::Health(h) => h.run().await,
+        Command::Bootstrap(b) => b.run().await,
+        Command::Etcd(e) => e.run().await,
+        Command::Reboot(p) => p.run(cmd::power::PowerAction::Reboot).await,
+        Command::Shutdown(p) => p.run(cmd::power::PowerAction::Shutdown).await,
+        Command::Reset(r) => r.run().await,
+        Command::Gen(_) | Command::Validate(_) | Command::Docs(_) => unreachable!("handled in main"),
     }
 }

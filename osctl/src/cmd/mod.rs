@@ -1,5 +1,16 @@
 //! One module per verb.
 
+pub mod apply_config;
+pub mod bootstrap;
+pub mod confirm;
 pub mod docs;
+pub mod etcd;
 pub mod gen;
+pub mod get;
+pub mod health;
+pub mod logs;
+pub mod power;
+pub mod services;
+pub mod session;
 pub mod validate;
+pub mod version;

@@ -1,0 +1,107 @@
+//! The OS API server: mutual TLS on port 50000 when configured, a pinned
+//! self-signed certificate and two RPCs in maintenance mode.
+
+pub mod authz;
+pub mod etcd_api;
+pub mod machine_api;
+pub mod service_api;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::machine_api::proto::etcd_service_server::EtcdServiceServer;
+use ::machine_api::proto::machine_service_server::MachineServiceServer;
+use ::machine_api::proto::service_service_server::ServiceServiceServer;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::node::{Control, Node};
+
+/// Prints what an operator at the console needs to reach this node.
+fn banner(node: &Node, id: &tls::ServerIdentity, maintenance: bool, name: &str) {
+    let mut lines = vec![
+        format!("node:        {name}"),
+        format!("address:     {}", node.opts.node_ip),
+        format!("OS API:      {} (mutual TLS)", node.opts.listen),
+        format!("fingerprint: {}", id.fingerprint),
+    ];
+    if maintenance {
+        lines.push("state:       maintenance: no config yet; waiting for `osctl apply-config --insecure`".into());
+        match &node.opts.maintenance_token {
+            Some(t) => lines.push(format!("token:       {t}")),
+            None => lines.push("token:       disabled (--no-maintenance-token): anyone who can reach the node can configure it".into()),
+        }
+    } else {
+        lines.push("state:       configured".into());
+    }
+    let width = lines.iter().map(|l| l.len()).max().unwrap_or(0);
+    let rule = "=".repeat(width);
+    eprintln!("{rule}\n{}\n{rule}", lines.join("\n"));
+    info!(node = name, fingerprint = %id.fingerprint, maintenance, "OS API identity");
+}
+
+/// Serves until asked to reboot or shut down; restarts the server when the
+/// identity changes (maintenance → configured, reset, new CA or names).
+pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control>) -> Control {
+    loop {
+        let cfg = node.config().await;
+        let maintenance = cfg.is_none();
+        let me = node.identity_for(cfg.as_ref());
+        let id = match &cfg {
+            None => tls::maintenance_identity(&node.opts.paths.secrets_dir(), &me),
+            Some(c) => tls::configured_identity(c, &me),
+        };
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                error!("cannot build the OS API identity: {e}; retrying in 5s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        banner(&node, &id, maintenance, &me.name);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .tls_config(id.tls_config())
+            .map(|b| {
+                b.layer(authz::AuthzLayer { maintenance })
+                    .add_service(MachineServiceServer::new(machine_api::MachineApi(node.clone())))
+                    .add_service(ServiceServiceServer::new(service_api::ServiceApi(node.clone())))
+                    .add_service(EtcdServiceServer::new(etcd_api::EtcdApi(node.clone())))
+                    .serve_with_shutdown(node.opts.listen, async {
+                        let _ = stop_rx.await;
+                    })
+            });
+        let mut task = match server {
+            Ok(fut) => tokio::spawn(fut),
+            Err(e) => {
+                error!("TLS configuration rejected: {e}; retrying in 5s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        let next = tokio::select! {
+            c = control.recv() => c.unwrap_or(Control::Shutdown),
+            r = &mut task => {
+                match r {
+                    Ok(Err(e)) => error!("OS API server stopped: {e}"),
+                    Ok(Ok(())) => warn!("OS API server stopped"),
+                    Err(e) => error!("OS API server task failed: {e}"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let _ = stop_tx.send(());
+        // Streams (logs -f) would hold a graceful shutdown open forever.
+        if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
+        }
+        if next != Control::Reload {
+            return next;
+        }
+        info!("restarting the OS API with a new identity");
+    }
+}

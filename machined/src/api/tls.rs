@@ -1,0 +1,121 @@
+//! Server identities: the node's OS API certificate minted from the OS CA
+//! (configured mode), or a self-signed one whose fingerprint the operator
+//! pins (maintenance mode).
+
+use std::path::Path;
+
+use machine_api::atomic::write_atomic;
+use machine_api::config::MachineConfig;
+use machine_api::pki::kube::{os_api_server, NodeIdentity};
+use machine_api::pki::{fingerprint_sha256, parse_cert_der, CertificateAuthority, LeafSpec, Usage};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::roles::NodeIdentity as Node;
+
+/// A TLS identity ready for the server, with what the banner shows.
+#[derive(Clone)]
+pub struct ServerIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// SHA-256 of the certificate (DER), hex.
+    pub fingerprint: String,
+    /// OS CA that client certificates must chain to; None in maintenance.
+    pub client_ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerIdentity {
+    pub fn tls_config(&self) -> ServerTlsConfig {
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        match &self.client_ca_pem {
+            Some(ca) => tls.client_ca_root(Certificate::from_pem(ca)),
+            None => tls,
+        }
+    }
+
+    /// A hash of what the identity is made from: when it changes, the
+    /// server restarts with the new certificate.
+    pub fn key_of(cfg: Option<&MachineConfig>, node: &Node) -> String {
+        match cfg {
+            None => "maintenance".into(),
+            Some(c) => format!(
+                "{}|{:?}|{}|{}",
+                c.secrets.os_ca.crt, c.machine.cert_sans, node.name, node.ip
+            ),
+        }
+    }
+}
+
+fn fingerprint_of(cert_pem: &str) -> String {
+    parse_cert_der("server", cert_pem)
+        .map(|d| fingerprint_sha256(&d))
+        .unwrap_or_default()
+}
+
+/// A self-signed certificate for maintenance mode. Kept in `dir` so the
+/// fingerprint stays the same across machined restarts within a boot.
+pub fn maintenance_identity(dir: &Path, node: &Node) -> Result<ServerIdentity, String> {
+    let cert_path = dir.join("maintenance.crt");
+    let key_path = dir.join("maintenance.key");
+    if let (Ok(cert_pem), Ok(key_pem)) = (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        if machine_api::pki::check_key_matches("maintenance", &cert_pem, &key_pem).is_ok() {
+            return Ok(ServerIdentity {
+                fingerprint: fingerprint_of(&cert_pem),
+                cert_pem,
+                key_pem,
+                client_ca_pem: None,
+            });
+        }
+    }
+    // A throwaway CA signs the leaf: clients pin the leaf's fingerprint,
+    // and rustls refuses a self-signed leaf used as its own issuer less
+    // often than an end-entity certificate without a chain.
+    let ca = CertificateAuthority::generate("maintenance").map_err(|e| e.to_string())?;
+    let spec = LeafSpec::new(&node.name, Usage::Server)
+        .san(&node.name)
+        .san(node.ip.to_string())
+        .san("localhost")
+        .san("127.0.0.1");
+    let leaf = ca.issue(&spec).map_err(|e| e.to_string())?;
+    write_atomic(&cert_path, leaf.cert_pem.as_bytes(), 0o644).map_err(|e| e.to_string())?;
+    write_atomic(&key_path, leaf.key_pem.as_bytes(), 0o600).map_err(|e| e.to_string())?;
+    Ok(ServerIdentity {
+        fingerprint: fingerprint_of(&leaf.cert_pem),
+        cert_pem: leaf.cert_pem,
+        key_pem: leaf.key_pem,
+        client_ca_pem: None,
+    })
+}
+
+/// The node's OS API certificate, minted from the OS CA in its config.
+pub fn configured_identity(cfg: &MachineConfig, node: &Node) -> Result<ServerIdentity, String> {
+    let key = cfg.secrets.os_ca.key.as_ref().ok_or_else(|| {
+        "the config has no OS CA key: worker-only nodes need the trust endpoint, which this release does not have yet".to_string()
+    })?;
+    let ca = CertificateAuthority::from_pem("secrets.osCA", &cfg.secrets.os_ca.crt, key)
+        .map_err(|e| e.to_string())?;
+    let spec = os_api_server(
+        &NodeIdentity {
+            name: node.name.clone(),
+            addresses: vec![node.ip],
+        },
+        &cfg.machine.cert_sans,
+    );
+    let leaf = ca.issue(&spec).map_err(|e| e.to_string())?;
+    Ok(ServerIdentity {
+        fingerprint: fingerprint_of(&leaf.cert_pem),
+        cert_pem: leaf.cert_pem,
+        key_pem: leaf.key_pem,
+        client_ca_pem: Some(cfg.secrets.os_ca.crt.clone()),
+    })
+}

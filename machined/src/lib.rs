@@ -1,0 +1,12 @@
+//! machined: the node agent beside PID 1. It serves the OS API, keeps the
+//! machine config, and supervises the node's services.
+//!
+//! The binary is thin (`main.rs`); everything lives here so integration
+//! tests and benchmarks can reach the parts.
+
+pub mod api;
+pub mod node;
+pub mod paths;
+pub mod roles;
+pub mod state;
+pub mod supervisor;

@@ -1,0 +1,229 @@
+//! A small etcd client over etcd's gRPC-JSON gateway (`/v3/...`) with
+//! mutual TLS. machined needs only membership, status and health; the
+//! gateway covers those without a second gRPC stack to build and keep.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdClientError {
+    #[error("etcd TLS setup: {0}")]
+    Tls(String),
+    #[error("etcd at {url}: {message}")]
+    Request { url: String, message: String },
+}
+
+/// A member as the gateway reports it (IDs are uint64 written as strings).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Member {
+    #[serde(rename = "ID", default, deserialize_with = "u64_text")]
+    pub id: u64,
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "peerURLs", default)]
+    pub peer_urls: Vec<String>,
+    #[serde(rename = "clientURLs", default)]
+    pub client_urls: Vec<String>,
+    #[serde(rename = "isLearner", default)]
+    pub is_learner: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Status {
+    #[serde(default)]
+    pub header: Header,
+    #[serde(default)]
+    pub version: String,
+    #[serde(rename = "dbSize", default, deserialize_with = "u64_text")]
+    pub db_size: u64,
+    #[serde(default, deserialize_with = "u64_text")]
+    pub leader: u64,
+    #[serde(rename = "raftIndex", default, deserialize_with = "u64_text")]
+    pub raft_index: u64,
+    #[serde(rename = "raftTerm", default, deserialize_with = "u64_text")]
+    pub raft_term: u64,
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Header {
+    #[serde(default, deserialize_with = "u64_text")]
+    pub member_id: u64,
+}
+
+fn u64_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum N {
+        S(String),
+        U(u64),
+    }
+    match N::deserialize(d)? {
+        N::U(u) => Ok(u),
+        N::S(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+#[derive(Deserialize)]
+struct MembersBody {
+    #[serde(default)]
+    members: Vec<Member>,
+}
+
+#[derive(Deserialize)]
+struct AddBody {
+    member: Member,
+    #[serde(default)]
+    members: Vec<Member>,
+}
+
+/// A client for one or more etcd endpoints; each call tries them in order.
+#[derive(Clone, Debug)]
+pub struct EtcdClient {
+    http: reqwest::Client,
+    endpoints: Vec<String>,
+}
+
+impl EtcdClient {
+    pub fn new(
+        endpoints: Vec<String>,
+        ca_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Self, EtcdClientError> {
+        let tls = |e: reqwest::Error| EtcdClientError::Tls(e.to_string());
+        let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(tls)?;
+        let identity =
+            reqwest::Identity::from_pem(format!("{cert_pem}\n{key_pem}").as_bytes()).map_err(tls)?;
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .identity(identity)
+            .timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(tls)?;
+        Ok(EtcdClient { http, endpoints })
+    }
+
+    async fn post<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<T, EtcdClientError> {
+        let mut last = None;
+        for ep in &self.endpoints {
+            let url = format!("{}{path}", ep.trim_end_matches('/'));
+            let err = |message: String| EtcdClientError::Request {
+                url: url.clone(),
+                message,
+            };
+            let result = async {
+                let resp = self
+                    .http
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| err(format!("{e:#}")))?;
+                let status = resp.status();
+                let text = resp.text().await.map_err(|e| err(e.to_string()))?;
+                if !status.is_success() {
+                    return Err(err(format!("HTTP {status}: {}", text.trim())));
+                }
+                serde_json::from_str::<T>(&text).map_err(|e| err(format!("bad response: {e}")))
+            }
+            .await;
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(EtcdClientError::Request {
+            url: String::new(),
+            message: "no endpoints".into(),
+        }))
+    }
+
+    pub async fn members(&self) -> Result<Vec<Member>, EtcdClientError> {
+        Ok(self
+            .post::<MembersBody>("/v3/cluster/member/list", json!({}))
+            .await?
+            .members)
+    }
+
+    /// Adds a member; returns it and the full member list.
+    pub async fn add_member(
+        &self,
+        peer_urls: &[String],
+    ) -> Result<(Member, Vec<Member>), EtcdClientError> {
+        let b: AddBody = self
+            .post("/v3/cluster/member/add", json!({ "peerURLs": peer_urls }))
+            .await?;
+        Ok((b.member, b.members))
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<Vec<Member>, EtcdClientError> {
+        Ok(self
+            .post::<MembersBody>("/v3/cluster/member/remove", json!({ "ID": id.to_string() }))
+            .await?
+            .members)
+    }
+
+    pub async fn status(&self) -> Result<Status, EtcdClientError> {
+        self.post("/v3/maintenance/status", json!({})).await
+    }
+
+    /// etcd's own health endpoint: healthy when the member has a leader and
+    /// can serve a linearizable read.
+    pub async fn health(&self) -> Result<(), EtcdClientError> {
+        let ep = self.endpoints.first().cloned().unwrap_or_default();
+        let url = format!("{}/health", ep.trim_end_matches('/'));
+        let err = |message: String| EtcdClientError::Request {
+            url: url.clone(),
+            message,
+        };
+        #[derive(Deserialize)]
+        struct H {
+            health: String,
+            #[serde(default)]
+            reason: String,
+        }
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| err(format!("{e:#}")))?;
+        let h: H = resp.json().await.map_err(|e| err(e.to_string()))?;
+        if h.health == "true" {
+            Ok(())
+        } else {
+            Err(err(format!("unhealthy {}", h.reason).trim().to_owned()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_json_with_string_ids_parses() {
+        let j = r#"{"header":{"cluster_id":"1","member_id":"17237436991929493444"},
+            "members":[{"ID":"17237436991929493444","name":"a","peerURLs":["https://127.0.0.2:2380"],
+            "clientURLs":["https://127.0.0.2:2379"]},{"ID":"5","peerURLs":["https://x:2380"]}]}"#;
+        let b: MembersBody = serde_json::from_str(j).unwrap();
+        assert_eq!(b.members[0].id, 17237436991929493444);
+        assert_eq!(b.members[1].name, "");
+        let s: Status = serde_json::from_str(
+            r#"{"header":{"member_id":"9"},"version":"3.4.23","dbSize":"20480","leader":"9","raftIndex":"4","raftTerm":"2"}"#,
+        )
+        .unwrap();
+        assert_eq!((s.header.member_id, s.db_size, s.leader), (9, 20480, 9));
+    }
+}

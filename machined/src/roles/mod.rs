@@ -1,0 +1,83 @@
+//! Roles turn the machine config into services for the supervisor:
+//! containerd on every node, etcd on `etcd` nodes. Kubernetes components
+//! join here in a later release.
+
+pub mod containerd;
+pub mod etcd;
+pub mod etcd_client;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use machine_api::config::{MachineConfig, Role};
+
+use crate::paths::Paths;
+use crate::supervisor::ServiceSpec;
+
+/// Errors while deriving services from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error("{role}: binary {binary:?} not found (looked in {where_})")]
+    MissingBinary {
+        role: &'static str,
+        binary: &'static str,
+        where_: String,
+    },
+    #[error("{0}: {1}")]
+    Certificates(&'static str, String),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// Who this node is, for certificates and listen addresses.
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub ip: IpAddr,
+}
+
+/// What the roles need beyond the config.
+#[derive(Clone, Debug)]
+pub struct RoleContext {
+    pub paths: Paths,
+    pub bin_dir: Option<PathBuf>,
+    pub node: NodeIdentity,
+}
+
+impl RoleContext {
+    pub fn binary(&self, role: &'static str, name: &'static str) -> Result<PathBuf, RoleError> {
+        crate::paths::find_binary(self.bin_dir.as_deref(), name).ok_or_else(|| {
+            RoleError::MissingBinary {
+                role,
+                binary: name,
+                where_: match &self.bin_dir {
+                    Some(d) => d.display().to_string(),
+                    None => "PATH".into(),
+                },
+            }
+        })
+    }
+
+    /// PATH for services: the bin dir first, so containerd finds its shim
+    /// and runc there.
+    pub fn service_path(&self) -> String {
+        let mut p = String::new();
+        if let Some(d) = &self.bin_dir {
+            p.push_str(&d.display().to_string());
+            p.push(':');
+        }
+        p.push_str("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        p
+    }
+}
+
+/// The services `cfg` asks for on this node.
+pub fn desired_services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpec>, RoleError> {
+    let mut out = vec![containerd::service(ctx)?];
+    if cfg.has_role(Role::Etcd) {
+        if let Some(spec) = etcd::service(cfg, ctx)? {
+            out.push(spec);
+        }
+    }
+    Ok(out)
+}

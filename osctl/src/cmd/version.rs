@@ -1,0 +1,52 @@
+//! `osctl version`: the client's version and every node's.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use machine_api::proto::machine_service_client::MachineServiceClient;
+use machine_api::proto::Empty;
+
+use super::session::{print, rpc, Session};
+use crate::client::ConnectArgs;
+
+#[derive(Debug, Args)]
+pub struct Version {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Talk to a node in maintenance mode (no client certificate).
+    #[arg(long)]
+    pub insecure: bool,
+    /// With --insecure: the node's certificate SHA-256, as printed on its console.
+    #[arg(long, requires = "insecure")]
+    pub cert_fingerprint: Option<String>,
+    /// Print only the client version.
+    #[arg(long)]
+    pub client: bool,
+}
+
+impl Version {
+    pub async fn run(self) -> Result<ExitCode> {
+        println!("Client: osctl {}", env!("CARGO_PKG_VERSION"));
+        if self.client {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let s = if self.insecure {
+            Session::insecure(&self.connect, self.cert_fingerprint.clone())?
+        } else {
+            Session::mutual(&self.connect)?
+        };
+        let res = s
+            .call(|ch| async move { rpc(MachineServiceClient::new(ch).version(Empty {}).await) })
+            .await;
+        Ok(print(s.output, &res, &["NAME", "VERSION", "MODE", "ROLES", "UPTIME"], |v| {
+            vec![vec![
+                v.node.clone(),
+                v.version.clone(),
+                if v.maintenance { "maintenance".into() } else { "configured".into() },
+                v.roles.join(","),
+                format!("{:.1}s", v.uptime_ms as f64 / 1000.0),
+            ]]
+        }))
+    }
+}

@@ -1,0 +1,348 @@
+//! Harness for integration tests: real `machined` processes in host mode
+//! (each on its own loopback address, so tests run in parallel), the real
+//! `osctl`, and `etcdctl`/`openssl` as independent checkers.
+//!
+//! Binaries come from the workspace's target directory; `cargo nextest run
+//! --workspace` (or `cargo build --workspace`) builds them first.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a harness fails loudly
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A workspace binary, next to the test executable's `deps/` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// True when a command is on PATH.
+pub fn have(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+/// Skips (with a visible note) when a real dependency is missing. CI
+/// installs them, so there a skip means the install step broke.
+#[macro_export]
+macro_rules! require {
+    ($($cmd:expr),+) => {
+        for c in [$($cmd),+] {
+            if !$crate::have(c) {
+                eprintln!("SKIPPED: {c} is not installed (scripts/test.sh installs it)");
+                if std::env::var_os("CI").is_some() {
+                    panic!("{c} missing in CI");
+                }
+                return;
+            }
+        }
+    };
+}
+
+/// The result of a command, with its text.
+#[derive(Debug)]
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Self {
+        Run {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+    #[track_caller]
+    pub fn expect_ok(self) -> Self {
+        assert!(self.ok, "command failed:\n{}", self.text());
+        self
+    }
+    #[track_caller]
+    pub fn expect_err(self, needle: &str) -> Self {
+        assert!(!self.ok, "command succeeded, expected failure with {needle:?}:\n{}", self.text());
+        assert!(self.text().contains(needle), "expected {needle:?} in:\n{}", self.text());
+        self
+    }
+}
+
+/// Runs osctl.
+pub fn osctl(args: &[&str]) -> Run {
+    Run::from(Command::new(bin("osctl")).args(args).output().unwrap())
+}
+
+/// A cluster's generated files.
+#[derive(Debug)]
+pub struct ClusterFiles {
+    pub dir: PathBuf,
+}
+
+impl ClusterFiles {
+    /// `osctl gen config` with a control-plane endpoint on `endpoint_ip`.
+    pub fn generate(dir: &Path, endpoint_ip: &str) -> Self {
+        osctl(&[
+            "gen",
+            "config",
+            "test",
+            &format!("https://{endpoint_ip}:6443"),
+            "-o",
+            dir.to_str().unwrap(),
+        ])
+        .expect_ok();
+        ClusterFiles { dir: dir.to_owned() }
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    pub fn osconfig(&self) -> String {
+        self.path("osconfig").display().to_string()
+    }
+    /// controlplane.yaml with a hostname and optional extra merge patch,
+    /// written to `name`.
+    pub fn node_config(&self, name: &str, hostname: &str, extra: &str) -> PathBuf {
+        let base = std::fs::read_to_string(self.path("controlplane.yaml")).unwrap();
+        let mut doc: serde_json::Value = serde_norway::from_str(&base).unwrap();
+        doc["machine"]["hostname"] = serde_json::json!(hostname);
+        if !extra.is_empty() {
+            let patch: serde_json::Value = serde_norway::from_str(extra).unwrap();
+            merge(&mut doc, &patch);
+        }
+        let out = self.dir.join(name);
+        std::fs::write(&out, serde_norway::to_string(&doc).unwrap()).unwrap();
+        out
+    }
+    /// Runs osctl against `nodes` with this cluster's client file.
+    pub fn osctl(&self, nodes: &[&str], args: &[&str]) -> Run {
+        let mut a: Vec<&str> = args.to_vec();
+        let osconfig = self.osconfig();
+        let nodes = nodes.join(",");
+        a.extend(["--osconfig", &osconfig, "-n", &nodes]);
+        osctl(&a)
+    }
+}
+
+/// RFC 7396 merge.
+pub fn merge(doc: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (doc, patch) {
+        (serde_json::Value::Object(d), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    d.remove(k);
+                } else {
+                    merge(d.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        (d, p) => *d = p.clone(),
+    }
+}
+
+/// One machined in host mode.
+#[derive(Debug)]
+pub struct Machined {
+    pub root: PathBuf,
+    pub ip: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Machined {
+    /// Starts machined with state under `root`, serving on `ip:50000`.
+    pub fn start(root: &Path, ip: &str) -> Self {
+        let mut m = Machined {
+            root: root.to_owned(),
+            ip: ip.to_owned(),
+            log: root.with_extension("log"),
+            child: None,
+            starts: 0,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.root).unwrap();
+        self.starts += 1;
+        let log = self.root.with_extension(format!("{}.log", self.starts));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin("machined"))
+            .args(["--root", self.root.to_str().unwrap()])
+            .args(["--listen", &format!("{}:50000", self.ip)])
+            .args(["--hostname", &format!("node-{}", self.ip.replace('.', "-"))])
+            .env("MACHINED_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.log = log;
+        self.wait_for_banner();
+    }
+
+    fn wait_for_banner(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if self.banner("fingerprint:").is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("machined did not print its banner:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last banner value for `key` (e.g. `fingerprint:`, `token:`).
+    pub fn banner(&self, key: &str) -> Option<String> {
+        self.log_text()
+            .lines()
+            .rev()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(str::to_owned)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL machined only; its services keep running.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts machined again on the same root (after [`kill`](Self::kill)).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Waits until the banner shows configured mode (after the server restarts
+    /// with the new identity).
+    pub fn wait_configured(&self) {
+        wait_until(Duration::from_secs(20), "machined configured", || {
+            self.log_text().contains("state:       configured")
+        });
+    }
+
+    /// etcdctl against this node's member with the node's own certificates.
+    pub fn etcdctl(&self, args: &[&str]) -> Run {
+        let dir = self.root.join("system/secrets/etcd");
+        Run::from(
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints=https://{}:2379", self.ip))
+                .arg(format!("--cacert={}", dir.join("ca.crt").display()))
+                .arg(format!("--cert={}", dir.join("client.crt").display()))
+                .arg(format!("--key={}", dir.join("client.key").display()))
+                .arg("--command-timeout=10s")
+                .args(args)
+                .output()
+                .unwrap(),
+        )
+    }
+
+    /// Maintenance-mode apply with the banner's fingerprint and token.
+    pub fn apply_insecure(&self, file: &Path) -> Run {
+        osctl(&[
+            "apply-config",
+            "--insecure",
+            "--cert-fingerprint",
+            &self.banner("fingerprint:").unwrap(),
+            "--token",
+            &self.banner("token:").unwrap(),
+            "-n",
+            &self.ip,
+            "-f",
+            file.to_str().unwrap(),
+        ])
+    }
+}
+
+/// True while `pid` runs (a zombie waiting for a parent that does not reap
+/// it counts as gone: in host mode an adopted service's parent is whatever
+/// reaps orphans on this host).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Kills every process that names `root` on its command line: machined and
+/// the services it left running (by design they outlive machined).
+pub fn kill_all_under(root: &Path) {
+    let needle = root.display().to_string();
+    let me = std::process::id();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if pid as u32 == me {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Machined {
+    fn drop(&mut self) {
+        self.kill();
+        kill_all_under(&self.root);
+    }
+}
+
+/// Polls `f` until it is true or `limit` passes (then panics naming `what`).
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// A configured, bootstrapped single etcd node.
+pub fn bootstrapped_node(tmp: &Path, ip: &str) -> (ClusterFiles, Machined) {
+    let files = ClusterFiles::generate(&tmp.join("cluster"), ip);
+    let node = Machined::start(&tmp.join("node"), ip);
+    let cfg = files.node_config("n.yaml", "n1", "");
+    node.apply_insecure(&cfg).expect_ok();
+    node.wait_configured();
+    files.osctl(&[ip], &["bootstrap"]).expect_ok();
+    files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
+    (files, node)
+}
