@@ -3,6 +3,8 @@
 # (unit tests and integration tests that start real processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Real node parts for the integration tests (Debian packages).
+export EXTRA_APT_PACKAGES="etcd-server etcd-client containerd runc ${EXTRA_APT_PACKAGES:-}"
 source scripts/setup.sh
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked

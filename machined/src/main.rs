@@ -13,7 +13,11 @@ use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 
 #[derive(Debug, Parser)]
-#[command(name = "machined", version, about = "The node agent: OS API, machine config, services")]
+#[command(
+    name = "machined",
+    version,
+    about = "The node agent: OS API, machine config, services"
+)]
 struct Cli {
     /// Host mode: run as an ordinary process with all state under DIR
     /// (for tests and debugging). Without it, machined runs as the node agent.
@@ -69,7 +73,10 @@ fn cgroup_base(root: &Path, host_mode: bool) -> Option<PathBuf> {
     match std::fs::create_dir_all(&base) {
         Ok(()) => Some(base),
         Err(e) => {
-            warn!("cgroups unavailable at {} ({e}): services run without them", base.display());
+            warn!(
+                "cgroups unavailable at {} ({e}): services run without them",
+                base.display()
+            );
             None
         }
     }
@@ -216,7 +223,11 @@ fn spawn_state_printer(supervisor: &Supervisor) {
         loop {
             match rx.recv().await {
                 Ok(s) => {
-                    let msg = if s.message.is_empty() { String::new() } else { format!(": {}", s.message) };
+                    let msg = if s.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", s.message)
+                    };
                     eprintln!("[service] {} {}{msg}", s.name, s.state);
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

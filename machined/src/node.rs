@@ -107,7 +107,9 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("opts", &self.opts).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
     }
 }
 
@@ -269,7 +271,8 @@ impl Node {
             }
             if matches!(mode, ApplyMode::Try(_)) {
                 return Err(NodeError::Precondition(
-                    "try needs a running config to roll back to; apply with --mode auto first".into(),
+                    "try needs a running config to roll back to; apply with --mode auto first"
+                        .into(),
                 ));
             }
             if dry_run {
@@ -286,14 +289,16 @@ impl Node {
             return Ok(ApplyOutcome {
                 outcome: "applied",
                 diff,
-                message: "config applied; the API now requires client certificates from the OS CA".into(),
+                message: "config applied; the API now requires client certificates from the OS CA"
+                    .into(),
                 ..Default::default()
             });
         };
 
         if self.store.pending_try().map_err(internal)?.is_some() {
             return Err(NodeError::Precondition(
-                "a try config is pending: confirm it (osctl confirm) or wait for its rollback".into(),
+                "a try config is pending: confirm it (osctl confirm) or wait for its rollback"
+                    .into(),
             ));
         }
         let reboot_fields = change::reboot_required(&old, &new);
@@ -386,7 +391,7 @@ impl Node {
             let started = std::time::SystemTime::now();
             let reason = loop {
                 if t.remaining().is_zero() {
-                    break format!("not confirmed within the try timeout");
+                    break "not confirmed within the try timeout".to_owned();
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 match node.store.pending_try() {

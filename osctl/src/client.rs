@@ -127,7 +127,10 @@ pub fn split_target(t: &str) -> Result<(String, u16)> {
         return Ok((host.to_owned(), port));
     }
     match t.rsplit_once(':') {
-        Some((h, p)) => Ok((h.to_owned(), p.parse().map_err(|_| anyhow!("bad port in {t:?}"))?)),
+        Some((h, p)) => Ok((
+            h.to_owned(),
+            p.parse().map_err(|_| anyhow!("bad port in {t:?}"))?,
+        )),
         None => Ok((t.to_owned(), DEFAULT_PORT)),
     }
 }
@@ -169,7 +172,12 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -177,10 +185,17 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -296,7 +311,12 @@ pub fn status_line(s: &tonic::Status) -> String {
 
 /// Runs `f` against every target at once; returns (target, result) in the
 /// order given.
-pub async fn fan_out<T, F, Fut>(targets: &[String], tls: Arc<ClientConfig>, timeout: Duration, f: F) -> Vec<(String, Result<T>)>
+pub async fn fan_out<T, F, Fut>(
+    targets: &[String],
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+    f: F,
+) -> Vec<(String, Result<T>)>
 where
     F: Fn(String, Channel) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -318,8 +338,14 @@ mod tests {
 
     #[test]
     fn targets_parse() {
-        assert_eq!(split_target("10.0.0.1").unwrap(), ("10.0.0.1".into(), 50000));
-        assert_eq!(split_target("10.0.0.1:123").unwrap(), ("10.0.0.1".into(), 123));
+        assert_eq!(
+            split_target("10.0.0.1").unwrap(),
+            ("10.0.0.1".into(), 50000)
+        );
+        assert_eq!(
+            split_target("10.0.0.1:123").unwrap(),
+            ("10.0.0.1".into(), 123)
+        );
         assert_eq!(split_target("[fd00::1]:5").unwrap(), ("fd00::1".into(), 5));
         assert_eq!(split_target("fd00::1").unwrap(), ("fd00::1".into(), 50000));
         assert_eq!(split_target("node-1").unwrap(), ("node-1".into(), 50000));

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "osctl", version, about = "Operate nodes of the immutable Kubernetes OS")]
+#[command(
+    name = "osctl",
+    version,
+    about = "Operate nodes of the immutable Kubernetes OS"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,6 +97,8 @@ async fn run_node_verb(c: Command) -> anyhow::Result<ExitCode> {
         Command::Reboot(p) => p.run(cmd::power::PowerAction::Reboot).await,
         Command::Shutdown(p) => p.run(cmd::power::PowerAction::Shutdown).await,
         Command::Reset(r) => r.run().await,
-        Command::Gen(_) | Command::Validate(_) | Command::Docs(_) => unreachable!("handled in main"),
+        Command::Gen(_) | Command::Validate(_) | Command::Docs(_) => {
+            unreachable!("handled in main")
+        }
     }
 }

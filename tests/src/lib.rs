@@ -15,9 +15,17 @@ use std::time::{Duration, Instant};
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
-    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run `cargo build --workspace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` first",
+        p.display()
+    );
     p
 }
 
@@ -71,8 +79,16 @@ impl Run {
     }
     #[track_caller]
     pub fn expect_err(self, needle: &str) -> Self {
-        assert!(!self.ok, "command succeeded, expected failure with {needle:?}:\n{}", self.text());
-        assert!(self.text().contains(needle), "expected {needle:?} in:\n{}", self.text());
+        assert!(
+            !self.ok,
+            "command succeeded, expected failure with {needle:?}:\n{}",
+            self.text()
+        );
+        assert!(
+            self.text().contains(needle),
+            "expected {needle:?} in:\n{}",
+            self.text()
+        );
         self
     }
 }
@@ -100,7 +116,9 @@ impl ClusterFiles {
             dir.to_str().unwrap(),
         ])
         .expect_ok();
-        ClusterFiles { dir: dir.to_owned() }
+        ClusterFiles {
+            dir: dir.to_owned(),
+        }
     }
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -21,32 +21,58 @@ fn dry_run_no_reboot_staged_and_reboot() {
     let (files, node) = bootstrapped_node(tmp.path(), ip);
 
     // dry-run: a diff, nothing applied.
-    let quota = files.node_config("quota.yaml", "n1", "{cluster: {etcd: {extraArgs: {quota-backend-bytes: 4294967296}}}}");
+    let quota = files.node_config(
+        "quota.yaml",
+        "n1",
+        "{cluster: {etcd: {extraArgs: {quota-backend-bytes: 4294967296}}}}",
+    );
     let q = quota.to_str().unwrap();
-    let d = files.osctl(&[ip], &["apply-config", "-f", q, "--dry-run"]).expect_ok();
-    assert!(d.stdout.contains("+      quota-backend-bytes"), "{}", d.text());
+    let d = files
+        .osctl(&[ip], &["apply-config", "-f", q, "--dry-run"])
+        .expect_ok();
+    assert!(
+        d.stdout.contains("+      quota-backend-bytes"),
+        "{}",
+        d.text()
+    );
     assert!(!running_config(&files, ip).contains("quota-backend-bytes"));
 
     // no-reboot: a live change; etcd restarts with it.
-    files.osctl(&[ip], &["apply-config", "-f", q, "--mode", "no-reboot"]).expect_ok();
+    files
+        .osctl(&[ip], &["apply-config", "-f", q, "--mode", "no-reboot"])
+        .expect_ok();
     assert!(running_config(&files, ip).contains("quota-backend-bytes"));
     files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
-    let etcd_conf = std::fs::read_to_string(node.root.join("system/secrets/etcd/etcd.conf.yaml")).unwrap();
-    assert!(etcd_conf.contains("quota-backend-bytes: 4294967296"), "{etcd_conf}");
+    let etcd_conf =
+        std::fs::read_to_string(node.root.join("system/secrets/etcd/etcd.conf.yaml")).unwrap();
+    assert!(
+        etcd_conf.contains("quota-backend-bytes: 4294967296"),
+        "{etcd_conf}"
+    );
 
     // A change that needs a reboot is refused by no-reboot …
     let net = files.node_config("net.yaml", "n1", "{machine: {sysctls: {vm.swappiness: 1}}}");
     let n = net.to_str().unwrap();
-    files.osctl(&[ip], &["apply-config", "-f", n, "--mode", "no-reboot"]).expect_err("machine.sysctls");
+    files
+        .osctl(&[ip], &["apply-config", "-f", n, "--mode", "no-reboot"])
+        .expect_err("machine.sysctls");
     // … staged for the next boot …
-    let s = files.osctl(&[ip], &["apply-config", "-f", n, "--mode", "staged"]).expect_ok();
+    let s = files
+        .osctl(&[ip], &["apply-config", "-f", n, "--mode", "staged"])
+        .expect_ok();
     assert!(s.stdout.contains("staged"), "{}", s.text());
     let c = running_config(&files, ip);
-    assert!(!c.contains("swappiness") && c.contains("a staged config waits"), "{c}");
+    assert!(
+        !c.contains("swappiness") && c.contains("a staged config waits"),
+        "{c}"
+    );
     // … and applied by a reboot (host mode: machined re-executes itself).
     files.osctl(&[ip], &["reboot"]).expect_ok();
     wait_until(Duration::from_secs(60), "config after reboot", || {
-        files.osctl(&[ip], &["get", "config"]).stdout.contains("swappiness")
+        files
+            .osctl(&[ip], &["get", "config"])
+            .stdout
+            .contains("swappiness")
     });
     files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
 }
@@ -61,22 +87,67 @@ fn try_rolls_back_a_config_that_breaks_etcd_and_keeps_a_confirmed_one() {
 
     // etcd refuses to start with a non-numeric heartbeat: the try must roll
     // back by itself well before its 120 s timeout.
-    let broken = files.node_config("broken.yaml", "n1", "{cluster: {etcd: {extraArgs: {heartbeat-interval: soon}}}}");
+    let broken = files.node_config(
+        "broken.yaml",
+        "n1",
+        "{cluster: {etcd: {extraArgs: {heartbeat-interval: soon}}}}",
+    );
     let t = files
-        .osctl(&[ip], &["apply-config", "-f", broken.to_str().unwrap(), "--mode", "try", "--try-timeout", "120"])
+        .osctl(
+            &[ip],
+            &[
+                "apply-config",
+                "-f",
+                broken.to_str().unwrap(),
+                "--mode",
+                "try",
+                "--try-timeout",
+                "120",
+            ],
+        )
         .expect_ok();
     assert!(t.stdout.contains("trying"), "{}", t.text());
-    wait_until(Duration::from_secs(60), "rollback of the broken try", || {
-        !running_config(&files, ip).contains("heartbeat-interval")
-    });
-    assert!(node.log_text().contains("try config rolled back: service etcd failed"), "{}", node.log_text());
+    wait_until(
+        Duration::from_secs(60),
+        "rollback of the broken try",
+        || !running_config(&files, ip).contains("heartbeat-interval"),
+    );
+    assert!(
+        node.log_text()
+            .contains("try config rolled back: service etcd failed"),
+        "{}",
+        node.log_text()
+    );
     files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
-    assert_eq!(node.etcdctl(&["get", "before", "--print-value-only"]).expect_ok().stdout.trim(), "1");
+    assert_eq!(
+        node.etcdctl(&["get", "before", "--print-value-only"])
+            .expect_ok()
+            .stdout
+            .trim(),
+        "1"
+    );
 
     // A try that is not confirmed rolls back at its timeout.
-    let ok = files.node_config("ok.yaml", "n1", "{cluster: {etcd: {extraArgs: {heartbeat-interval: 150}}}}");
+    let ok = files.node_config(
+        "ok.yaml",
+        "n1",
+        "{cluster: {etcd: {extraArgs: {heartbeat-interval: 150}}}}",
+    );
     let ok_s = ok.to_str().unwrap();
-    files.osctl(&[ip], &["apply-config", "-f", ok_s, "--mode", "try", "--try-timeout", "5"]).expect_ok();
+    files
+        .osctl(
+            &[ip],
+            &[
+                "apply-config",
+                "-f",
+                ok_s,
+                "--mode",
+                "try",
+                "--try-timeout",
+                "5",
+            ],
+        )
+        .expect_ok();
     assert!(running_config(&files, ip).contains("heartbeat-interval"));
     wait_until(Duration::from_secs(40), "rollback at timeout", || {
         !running_config(&files, ip).contains("heartbeat-interval")
@@ -84,10 +155,27 @@ fn try_rolls_back_a_config_that_breaks_etcd_and_keeps_a_confirmed_one() {
     files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
 
     // Confirmed in time: kept.
-    files.osctl(&[ip], &["apply-config", "-f", ok_s, "--mode", "try", "--try-timeout", "60"]).expect_ok();
-    files.osctl(&[ip], &["apply-config", "-f", ok_s]).expect_err("a try config is pending");
+    files
+        .osctl(
+            &[ip],
+            &[
+                "apply-config",
+                "-f",
+                ok_s,
+                "--mode",
+                "try",
+                "--try-timeout",
+                "60",
+            ],
+        )
+        .expect_ok();
+    files
+        .osctl(&[ip], &["apply-config", "-f", ok_s])
+        .expect_err("a try config is pending");
     files.osctl(&[ip], &["confirm"]).expect_ok();
-    files.osctl(&[ip], &["confirm"]).expect_err("no try config is pending");
+    files
+        .osctl(&[ip], &["confirm"])
+        .expect_err("no try config is pending");
     std::thread::sleep(Duration::from_secs(2));
     assert!(running_config(&files, ip).contains("heartbeat-interval"));
     files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
@@ -99,8 +187,16 @@ fn killing_machined_during_apply_never_leaves_a_torn_config() {
     let tmp = tempfile::tempdir().unwrap();
     let ip = "127.0.5.3";
     let (files, mut node) = bootstrapped_node(tmp.path(), ip);
-    let a = files.node_config("a.yaml", "n1", "{cluster: {etcd: {extraArgs: {snapshot-count: 1000}}}}");
-    let b = files.node_config("b.yaml", "n1", "{cluster: {etcd: {extraArgs: {snapshot-count: 2000}}}}");
+    let a = files.node_config(
+        "a.yaml",
+        "n1",
+        "{cluster: {etcd: {extraArgs: {snapshot-count: 1000}}}}",
+    );
+    let b = files.node_config(
+        "b.yaml",
+        "n1",
+        "{cluster: {etcd: {extraArgs: {snapshot-count: 2000}}}}",
+    );
     let cfg_path = node.root.join("system/state/config.yaml");
     for i in 0..8u64 {
         let file = if i % 2 == 0 { &a } else { &b };
@@ -108,7 +204,15 @@ fn killing_machined_during_apply_never_leaves_a_torn_config() {
         let f = file.to_str().unwrap().to_owned();
         let ip_s = ip.to_owned();
         let apply = std::thread::spawn(move || {
-            node_tests::osctl(&["apply-config", "-f", &f, "--osconfig", &osconfig, "-n", &ip_s])
+            node_tests::osctl(&[
+                "apply-config",
+                "-f",
+                &f,
+                "--osconfig",
+                &osconfig,
+                "-n",
+                &ip_s,
+            ])
         });
         std::thread::sleep(Duration::from_millis(5 + i * 7));
         node.kill();

@@ -23,15 +23,22 @@ fn three_nodes_form_an_etcd_cluster_and_survive_losing_one() {
     nodes[0].apply_insecure(&first).expect_ok();
     nodes[0].wait_configured();
     files.osctl(&[ips[0]], &["bootstrap"]).expect_ok();
-    files.osctl(&[ips[0]], &["health", "--wait", "60"]).expect_ok();
+    files
+        .osctl(&[ips[0]], &["health", "--wait", "60"])
+        .expect_ok();
 
-    let join = format!("{{cluster: {{etcd: {{endpoints: [\"https://{}:2379\"]}}}}}}", ips[0]);
+    let join = format!(
+        "{{cluster: {{etcd: {{endpoints: [\"https://{}:2379\"]}}}}}}",
+        ips[0]
+    );
     for i in 1..3 {
         let cfg = files.node_config(&format!("n{i}.yaml"), &format!("n{i}"), &join);
         nodes[i].apply_insecure(&cfg).expect_ok();
         nodes[i].wait_configured();
         // One at a time: etcd needs the new member up before the next joins.
-        files.osctl(&[ips[i]], &["health", "--wait", "90"]).expect_ok();
+        files
+            .osctl(&[ips[i]], &["health", "--wait", "90"])
+            .expect_ok();
     }
 
     // Fan-out: one command, three nodes, per-node results.
@@ -47,7 +54,13 @@ fn three_nodes_form_an_etcd_cluster_and_survive_losing_one() {
     // Independent check through every member.
     nodes[0].etcdctl(&["put", "k", "v1"]).expect_ok();
     for n in &nodes {
-        assert_eq!(n.etcdctl(&["get", "k", "--print-value-only"]).expect_ok().stdout.trim(), "v1");
+        assert_eq!(
+            n.etcdctl(&["get", "k", "--print-value-only"])
+                .expect_ok()
+                .stdout
+                .trim(),
+            "v1"
+        );
     }
 
     // Lose a node (machined and its services): writes still succeed.
@@ -55,13 +68,27 @@ fn three_nodes_form_an_etcd_cluster_and_survive_losing_one() {
     node_tests::kill_all_under(&nodes[2].root);
     nodes[0].etcdctl(&["put", "k", "v2"]).expect_ok();
     let res = files.osctl(&[&all], &["version"]);
-    assert!(!res.ok && res.stderr.contains(ips[2]), "a dead node must be named:\n{}", res.text());
-    assert!(res.stdout.contains("n0") && res.stdout.contains("n1"), "{}", res.text());
+    assert!(
+        !res.ok && res.stderr.contains(ips[2]),
+        "a dead node must be named:\n{}",
+        res.text()
+    );
+    assert!(
+        res.stdout.contains("n0") && res.stdout.contains("n1"),
+        "{}",
+        res.text()
+    );
 
     // Bring it back: machined restarts etcd from its data and it catches up.
     nodes[2].restart();
-    files.osctl(&[ips[2]], &["health", "--wait", "60"]).expect_ok();
+    files
+        .osctl(&[ips[2]], &["health", "--wait", "60"])
+        .expect_ok();
     wait_until(Duration::from_secs(30), "n2 caught up", || {
-        nodes[2].etcdctl(&["get", "k", "--print-value-only"]).stdout.trim() == "v2"
+        nodes[2]
+            .etcdctl(&["get", "k", "--print-value-only"])
+            .stdout
+            .trim()
+            == "v2"
     });
 }

@@ -20,53 +20,122 @@ fn maintenance_apply_bootstrap_and_etcd_healthy_over_mtls() {
     // Maintenance mode: version with the pinned fingerprint; nothing else.
     let v = osctl(&["version", "--insecure", "--cert-fingerprint", &fp, "-n", ip]).expect_ok();
     assert!(v.stdout.contains("maintenance"), "{}", v.text());
-    osctl(&["version", "--insecure", "--cert-fingerprint", &"0".repeat(64), "-n", ip])
-        .expect_err("does not match --cert-fingerprint");
+    osctl(&[
+        "version",
+        "--insecure",
+        "--cert-fingerprint",
+        &"0".repeat(64),
+        "-n",
+        ip,
+    ])
+    .expect_err("does not match --cert-fingerprint");
     let cfg = files.node_config("n.yaml", "n1", "");
     let cfg_s = cfg.to_str().unwrap();
-    osctl(&["apply-config", "--insecure", "--cert-fingerprint", &fp, "--token", "wrong", "-n", ip, "-f", cfg_s])
-        .expect_err("maintenance token");
-    osctl(&["apply-config", "--insecure", "--cert-fingerprint", &fp, "-n", ip, "-f", cfg_s])
-        .expect_err("maintenance token");
+    osctl(&[
+        "apply-config",
+        "--insecure",
+        "--cert-fingerprint",
+        &fp,
+        "--token",
+        "wrong",
+        "-n",
+        ip,
+        "-f",
+        cfg_s,
+    ])
+    .expect_err("maintenance token");
+    osctl(&[
+        "apply-config",
+        "--insecure",
+        "--cert-fingerprint",
+        &fp,
+        "-n",
+        ip,
+        "-f",
+        cfg_s,
+    ])
+    .expect_err("maintenance token");
 
     // Dry run in maintenance shows the whole config as added and changes nothing.
-    let dry = osctl(&["apply-config", "--insecure", "--cert-fingerprint", &fp, "--token", &token, "-n", ip, "-f", cfg_s, "--dry-run"])
-        .expect_ok();
-    assert!(dry.stdout.contains("+kind: MachineConfig"), "{}", dry.text());
+    let dry = osctl(&[
+        "apply-config",
+        "--insecure",
+        "--cert-fingerprint",
+        &fp,
+        "--token",
+        &token,
+        "-n",
+        ip,
+        "-f",
+        cfg_s,
+        "--dry-run",
+    ])
+    .expect_ok();
+    assert!(
+        dry.stdout.contains("+kind: MachineConfig"),
+        "{}",
+        dry.text()
+    );
     assert!(!node.root.join("system/state/config.yaml").exists());
 
     node.apply_insecure(&cfg).expect_ok();
     node.wait_configured();
     // The config on disk is private.
     let meta = std::fs::metadata(node.root.join("system/state/config.yaml")).unwrap();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
 
     // etcd waits for bootstrap; containerd is healthy via its gRPC health API.
     let s = files.osctl(&[ip], &["services"]).expect_ok();
-    assert!(s.stdout.contains("waiting for `osctl bootstrap`"), "{}", s.text());
+    assert!(
+        s.stdout.contains("waiting for `osctl bootstrap`"),
+        "{}",
+        s.text()
+    );
     wait_until(Duration::from_secs(30), "containerd healthy", || {
-        files.osctl(&[ip], &["service", "containerd"]).stdout.contains("healthy")
+        files
+            .osctl(&[ip], &["service", "containerd"])
+            .stdout
+            .contains("healthy")
     });
     files.osctl(&[ip], &["bootstrap"]).expect_ok();
-    files.osctl(&[ip], &["bootstrap"]).expect_err("already bootstrapped");
+    files
+        .osctl(&[ip], &["bootstrap"])
+        .expect_err("already bootstrapped");
     files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
 
     // Independent check: etcdctl with the node's certificates, over mTLS.
     node.etcdctl(&["put", "greeting", "hello"]).expect_ok();
-    let got = node.etcdctl(&["get", "greeting", "--print-value-only"]).expect_ok();
+    let got = node
+        .etcdctl(&["get", "greeting", "--print-value-only"])
+        .expect_ok();
     assert_eq!(got.stdout.trim(), "hello");
     let m = files.osctl(&[ip], &["etcd", "members"]).expect_ok();
-    assert!(m.stdout.contains("n1") && m.stdout.contains(&format!("https://{ip}:2380")), "{}", m.text());
-    let st = files.osctl(&[ip], &["etcd", "status", "-o", "json"]).expect_ok();
+    assert!(
+        m.stdout.contains("n1") && m.stdout.contains(&format!("https://{ip}:2380")),
+        "{}",
+        m.text()
+    );
+    let st = files
+        .osctl(&[ip], &["etcd", "status", "-o", "json"])
+        .expect_ok();
     assert!(st.stdout.contains("\"version\": \"3."), "{}", st.text());
 
     // The running config comes back redacted.
     let c = files.osctl(&[ip], &["get", "config"]).expect_ok();
-    assert!(c.stdout.contains("BEGIN CERTIFICATE") && !c.stdout.contains("PRIVATE KEY"), "{}", c.text());
+    assert!(
+        c.stdout.contains("BEGIN CERTIFICATE") && !c.stdout.contains("PRIVATE KEY"),
+        "{}",
+        c.text()
+    );
     assert!(c.stdout.contains("<redacted>"));
 
     // Logs: tail from the ring, and the file on disk.
-    let l = files.osctl(&[ip], &["logs", "etcd", "--tail", "500"]).expect_ok();
+    let l = files
+        .osctl(&[ip], &["logs", "etcd", "--tail", "500"])
+        .expect_ok();
     assert!(l.stdout.contains("serving client traffic"), "{}", l.text());
     assert!(node.root.join("var/log/etcd.log").exists());
 }
@@ -92,14 +161,30 @@ fn sigkill_of_etcd_restarts_it_and_sigkill_of_machined_keeps_it() {
 
     // SIGKILL etcd: restarted with backoff, counted, healthy again.
     let first = etcd_pid(&files);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    wait_until(Duration::from_secs(30), "etcd restarted and healthy", || {
-        let out = files.osctl(&[ip], &["service", "etcd", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-        let s = &v[0]["result"];
-        s["healthy"] == true && s["restarts"].as_u64() == Some(1) && s["pid"].as_i64() != Some(first)
-    });
-    assert_eq!(node.etcdctl(&["get", "a", "--print-value-only"]).expect_ok().stdout.trim(), "1");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "etcd restarted and healthy",
+        || {
+            let out = files.osctl(&[ip], &["service", "etcd", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            let s = &v[0]["result"];
+            s["healthy"] == true
+                && s["restarts"].as_u64() == Some(1)
+                && s["pid"].as_i64() != Some(first)
+        },
+    );
+    assert_eq!(
+        node.etcdctl(&["get", "a", "--print-value-only"])
+            .expect_ok()
+            .stdout
+            .trim(),
+        "1"
+    );
 
     // SIGKILL machined: etcd keeps running with the same PID, and the next
     // machined adopts it rather than restarting it.
@@ -109,21 +194,37 @@ fn sigkill_of_etcd_restarts_it_and_sigkill_of_machined_keeps_it() {
     node.etcdctl(&["put", "b", "2"]).expect_ok();
     node.restart();
     files.osctl(&[ip], &["health", "--wait", "30"]).expect_ok();
-    assert_eq!(etcd_pid(&files), second, "etcd was restarted instead of adopted");
+    assert_eq!(
+        etcd_pid(&files),
+        second,
+        "etcd was restarted instead of adopted"
+    );
     let s = files.osctl(&[ip], &["services"]).expect_ok();
     assert!(s.stdout.contains("(adopted)"), "{}", s.text());
     // The restart count survived machined's restart.
-    assert!(s.stdout.lines().any(|l| l.starts_with("etcd") && l.split_whitespace().nth(3) == Some("1")), "{}", s.text());
+    assert!(
+        s.stdout
+            .lines()
+            .any(|l| l.starts_with("etcd") && l.split_whitespace().nth(3) == Some("1")),
+        "{}",
+        s.text()
+    );
 
     // Stop is sticky; start brings it back.
     files.osctl(&[ip], &["service", "etcd", "stop"]).expect_ok();
-    wait_until(Duration::from_secs(20), "adopted etcd stopped", || !node_tests::alive(second as i32));
+    wait_until(Duration::from_secs(20), "adopted etcd stopped", || {
+        !node_tests::alive(second as i32)
+    });
     std::thread::sleep(Duration::from_secs(2));
     let s = files.osctl(&[ip], &["service", "etcd"]).expect_ok();
     assert!(s.stdout.contains("stopped"), "{}", s.text());
-    files.osctl(&[ip], &["service", "etcd", "start"]).expect_ok();
+    files
+        .osctl(&[ip], &["service", "etcd", "start"])
+        .expect_ok();
     files.osctl(&[ip], &["health", "--wait", "30"]).expect_ok();
-    files.osctl(&[ip], &["service", "nope", "restart"]).expect_err("no service named");
+    files
+        .osctl(&[ip], &["service", "nope", "restart"])
+        .expect_err("no service named");
 }
 
 #[test]

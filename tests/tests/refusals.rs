@@ -10,7 +10,14 @@ use machine_api::pki::bundle::SecretsBundle;
 use machine_api::pki::{LeafSpec, Usage};
 use node_tests::{bootstrapped_node, osctl, require, ClusterFiles};
 
-fn write_osconfig(dir: &std::path::Path, name: &str, ca: &str, crt: &str, key: &str, ip: &str) -> String {
+fn write_osconfig(
+    dir: &std::path::Path,
+    name: &str,
+    ca: &str,
+    crt: &str,
+    key: &str,
+    ip: &str,
+) -> String {
     let c = OsConfig::single(
         "t",
         Context {
@@ -37,7 +44,19 @@ fn refusal_matrix() {
     let d = tmp.path();
     let gen = |role: &str| {
         let out = d.join(format!("{role}.osconfig"));
-        osctl(&["gen", "osconfig", "--with-secrets", secrets, "--role", role, "-e", ip, "-o", out.to_str().unwrap()]).expect_ok();
+        osctl(&[
+            "gen",
+            "osconfig",
+            "--with-secrets",
+            secrets,
+            "--role",
+            role,
+            "-e",
+            ip,
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .expect_ok();
         out.display().to_string()
     };
     let (reader, operator) = (gen("reader"), gen("operator"));
@@ -47,35 +66,68 @@ fn refusal_matrix() {
     // Reader: reads, nothing else.
     osctl(&["services", "--osconfig", &reader]).expect_ok();
     osctl(&["get", "config", "--osconfig", &reader]).expect_ok();
-    osctl(&["apply-config", "-f", cfg, "--osconfig", &reader]).expect_err("role os:reader may not call ApplyConfiguration");
+    osctl(&["apply-config", "-f", cfg, "--osconfig", &reader])
+        .expect_err("role os:reader may not call ApplyConfiguration");
     osctl(&["service", "etcd", "restart", "--osconfig", &reader]).expect_err("permission denied");
     osctl(&["reboot", "--osconfig", &reader]).expect_err("permission denied");
     osctl(&["bootstrap", "--osconfig", &reader]).expect_err("permission denied");
 
     // Operator: restarts services, but no config changes and no reset.
     osctl(&["service", "containerd", "restart", "--osconfig", &operator]).expect_ok();
-    osctl(&["apply-config", "-f", cfg, "--osconfig", &operator]).expect_err("role os:operator may not call ApplyConfiguration");
+    osctl(&["apply-config", "-f", cfg, "--osconfig", &operator])
+        .expect_err("role os:operator may not call ApplyConfiguration");
     osctl(&["reset", "--osconfig", &operator]).expect_err("permission denied");
-    osctl(&["etcd", "remove-member", "n1", "--osconfig", &operator]).expect_err("permission denied");
+    osctl(&["etcd", "remove-member", "n1", "--osconfig", &operator])
+        .expect_err("permission denied");
 
     // A certificate from another cluster's CA: the TLS handshake fails.
     let other = SecretsBundle::generate().unwrap();
-    let foreign = machine_api::pki::bundle::os_client_cert(&other, "mallory", machine_api::pki::bundle::OsRole::Admin).unwrap();
-    let bundle: SecretsBundle = serde_norway::from_str(&std::fs::read_to_string(secrets).unwrap()).unwrap();
-    let foreign_cfg = write_osconfig(d, "foreign", &bundle.os_ca.crt, &foreign.cert_pem, &foreign.key_pem, ip);
+    let foreign = machine_api::pki::bundle::os_client_cert(
+        &other,
+        "mallory",
+        machine_api::pki::bundle::OsRole::Admin,
+    )
+    .unwrap();
+    let bundle: SecretsBundle =
+        serde_norway::from_str(&std::fs::read_to_string(secrets).unwrap()).unwrap();
+    let foreign_cfg = write_osconfig(
+        d,
+        "foreign",
+        &bundle.os_ca.crt,
+        &foreign.cert_pem,
+        &foreign.key_pem,
+        ip,
+    );
     osctl(&["services", "--osconfig", &foreign_cfg]).expect_err("error: node");
 
     // An expired certificate from the right CA.
     let ca = bundle.os_ca.authority("osCA").unwrap();
     let expired = ca
-        .issue_for(&LeafSpec::new("old", Usage::Client).org("os:admin"), time::Duration::minutes(-30))
+        .issue_for(
+            &LeafSpec::new("old", Usage::Client).org("os:admin"),
+            time::Duration::minutes(-30),
+        )
         .unwrap();
-    let expired_cfg = write_osconfig(d, "expired", &bundle.os_ca.crt, &expired.cert_pem, &expired.key_pem, ip);
+    let expired_cfg = write_osconfig(
+        d,
+        "expired",
+        &bundle.os_ca.crt,
+        &expired.cert_pem,
+        &expired.key_pem,
+        ip,
+    );
     osctl(&["services", "--osconfig", &expired_cfg]).expect_err("error: node");
 
     // A certificate with no role.
     let nobody = ca.issue(&LeafSpec::new("nobody", Usage::Client)).unwrap();
-    let nobody_cfg = write_osconfig(d, "nobody", &bundle.os_ca.crt, &nobody.cert_pem, &nobody.key_pem, ip);
+    let nobody_cfg = write_osconfig(
+        d,
+        "nobody",
+        &bundle.os_ca.crt,
+        &nobody.cert_pem,
+        &nobody.key_pem,
+        ip,
+    );
     osctl(&["services", "--osconfig", &nobody_cfg]).expect_err("names no role");
 
     // No client certificate at all (maintenance-style client on a configured node).
@@ -95,7 +147,11 @@ fn invalid_configs_are_refused_by_the_node_and_change_nothing() {
     let before = std::fs::read(node.root.join("system/state/config.yaml")).unwrap();
 
     // osctl checks locally first and names file and line …
-    let bad = files.node_config("bad.yaml", "n1", "{cluster: {network: {serviceCIDRs: [10.244.0.0/20]}}}");
+    let bad = files.node_config(
+        "bad.yaml",
+        "n1",
+        "{cluster: {network: {serviceCIDRs: [10.244.0.0/20]}}}",
+    );
     files
         .osctl(&[ip], &["apply-config", "-f", bad.to_str().unwrap()])
         .expect_err("cluster.network.serviceCIDRs[0]");
@@ -104,7 +160,11 @@ fn invalid_configs_are_refused_by_the_node_and_change_nothing() {
     let text = std::fs::read_to_string(&bad).unwrap();
     let err = raw_apply(&files, ip, text.into_bytes());
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("cluster.network.serviceCIDRs[0]"), "{}", err.message());
+    assert!(
+        err.message().contains("cluster.network.serviceCIDRs[0]"),
+        "{}",
+        err.message()
+    );
     let err = raw_apply(&files, ip, b"machine: [".to_vec());
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = raw_apply(&files, ip, vec![0xff, 0xfe]);
@@ -112,10 +172,20 @@ fn invalid_configs_are_refused_by_the_node_and_change_nothing() {
 
     // A worker config (no OS CA key) cannot run the OS API yet: refused, not bricked.
     files
-        .osctl(&[ip], &["apply-config", "-f", files.path("worker.yaml").to_str().unwrap()])
+        .osctl(
+            &[ip],
+            &[
+                "apply-config",
+                "-f",
+                files.path("worker.yaml").to_str().unwrap(),
+            ],
+        )
         .expect_err("secrets.osCA.key");
 
-    assert_eq!(std::fs::read(node.root.join("system/state/config.yaml")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(node.root.join("system/state/config.yaml")).unwrap(),
+        before
+    );
     files.osctl(&[ip], &["health", "--wait", "10"]).expect_ok();
     std::thread::sleep(Duration::from_millis(10));
 }
@@ -132,7 +202,10 @@ fn raw_apply(files: &ClusterFiles, ip: &str, data: Vec<u8>) -> tonic::Status {
         .ca_certificate(Certificate::from_pem(&ctx.ca))
         .identity(Identity::from_pem(&ctx.crt, &ctx.key))
         .domain_name(ip);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let ch = Endpoint::from_shared(format!("https://{ip}:50000"))
             .unwrap()

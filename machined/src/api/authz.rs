@@ -41,25 +41,81 @@ const fn rule(path: &'static str, access: Access, maintenance: bool) -> Rule {
 
 /// Every RPC of the API.
 pub const RULES: &[Rule] = &[
-    rule("/machine.v1alpha1.MachineService/Version", Access::Read, true),
-    rule("/machine.v1alpha1.MachineService/ApplyConfiguration", Access::Admin, true),
-    rule("/machine.v1alpha1.MachineService/ConfirmConfiguration", Access::Admin, false),
+    rule(
+        "/machine.v1alpha1.MachineService/Version",
+        Access::Read,
+        true,
+    ),
+    rule(
+        "/machine.v1alpha1.MachineService/ApplyConfiguration",
+        Access::Admin,
+        true,
+    ),
+    rule(
+        "/machine.v1alpha1.MachineService/ConfirmConfiguration",
+        Access::Admin,
+        false,
+    ),
     // The redacted config still describes the node; readers may see it.
-    rule("/machine.v1alpha1.MachineService/GetConfiguration", Access::Read, false),
-    rule("/machine.v1alpha1.MachineService/Health", Access::Read, false),
-    rule("/machine.v1alpha1.MachineService/Reboot", Access::Operate, false),
-    rule("/machine.v1alpha1.MachineService/Shutdown", Access::Admin, false),
-    rule("/machine.v1alpha1.MachineService/Reset", Access::Admin, false),
+    rule(
+        "/machine.v1alpha1.MachineService/GetConfiguration",
+        Access::Read,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.MachineService/Health",
+        Access::Read,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.MachineService/Reboot",
+        Access::Operate,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.MachineService/Shutdown",
+        Access::Admin,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.MachineService/Reset",
+        Access::Admin,
+        false,
+    ),
     rule("/machine.v1alpha1.ServiceService/List", Access::Read, false),
-    rule("/machine.v1alpha1.ServiceService/Start", Access::Operate, false),
-    rule("/machine.v1alpha1.ServiceService/Stop", Access::Operate, false),
-    rule("/machine.v1alpha1.ServiceService/Restart", Access::Operate, false),
+    rule(
+        "/machine.v1alpha1.ServiceService/Start",
+        Access::Operate,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.ServiceService/Stop",
+        Access::Operate,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.ServiceService/Restart",
+        Access::Operate,
+        false,
+    ),
     rule("/machine.v1alpha1.ServiceService/Logs", Access::Read, false),
-    rule("/machine.v1alpha1.EtcdService/Bootstrap", Access::Admin, false),
+    rule(
+        "/machine.v1alpha1.EtcdService/Bootstrap",
+        Access::Admin,
+        false,
+    ),
     rule("/machine.v1alpha1.EtcdService/Members", Access::Read, false),
     rule("/machine.v1alpha1.EtcdService/Status", Access::Read, false),
-    rule("/machine.v1alpha1.EtcdService/AddMember", Access::Admin, false),
-    rule("/machine.v1alpha1.EtcdService/RemoveMember", Access::Admin, false),
+    rule(
+        "/machine.v1alpha1.EtcdService/AddMember",
+        Access::Admin,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.EtcdService/RemoveMember",
+        Access::Admin,
+        false,
+    ),
 ];
 
 pub fn allows(role: OsRole, access: Access) -> bool {
@@ -82,9 +138,15 @@ pub fn role_of(cert_der: &[u8]) -> Option<OsRole> {
 }
 
 /// Decides one request.
-pub fn decide(path: &str, maintenance: bool, peer_leaf: Option<&[u8]>) -> Result<(), tonic::Status> {
+pub fn decide(
+    path: &str,
+    maintenance: bool,
+    peer_leaf: Option<&[u8]>,
+) -> Result<(), tonic::Status> {
     let Some(rule) = RULES.iter().find(|r| r.path == path) else {
-        return Err(tonic::Status::permission_denied(format!("{path} is not in the authorization table")));
+        return Err(tonic::Status::permission_denied(format!(
+            "{path} is not in the authorization table"
+        )));
     };
     if maintenance {
         return if rule.maintenance {
@@ -96,7 +158,9 @@ pub fn decide(path: &str, maintenance: bool, peer_leaf: Option<&[u8]>) -> Result
         };
     }
     let Some(der) = peer_leaf else {
-        return Err(tonic::Status::unauthenticated("a client certificate is required"));
+        return Err(tonic::Status::unauthenticated(
+            "a client certificate is required",
+        ));
     };
     let Some(role) = role_of(der) else {
         return Err(tonic::Status::permission_denied(
@@ -165,12 +229,18 @@ where
         match decide(req.uri().path(), self.maintenance, leaf) {
             Ok(()) => {
                 let who = leaf
-                    .and_then(|d| X509Certificate::from_der(d).ok().map(|(_, c)| c.subject().to_string()))
+                    .and_then(|d| {
+                        X509Certificate::from_der(d)
+                            .ok()
+                            .map(|(_, c)| c.subject().to_string())
+                    })
                     .map(Arc::from);
                 req.extensions_mut().insert(Caller(who));
                 futures::future::Either::Right(self.inner.call(req))
             }
-            Err(status) => futures::future::Either::Left(futures::future::ready(Ok(status.into_http()))),
+            Err(status) => {
+                futures::future::Either::Left(futures::future::ready(Ok(status.into_http())))
+            }
         }
     }
 }
@@ -200,10 +270,17 @@ mod tests {
         }
         assert!(paths.len() >= 18, "{paths:?}");
         for p in &paths {
-            assert!(RULES.iter().any(|r| r.path == p), "{p} is missing from RULES");
+            assert!(
+                RULES.iter().any(|r| r.path == p),
+                "{p} is missing from RULES"
+            );
         }
         for r in RULES {
-            assert!(paths.iter().any(|p| p == r.path), "{} is not an RPC", r.path);
+            assert!(
+                paths.iter().any(|p| p == r.path),
+                "{} is not an RPC",
+                r.path
+            );
         }
     }
 
@@ -214,7 +291,11 @@ mod tests {
 
     #[test]
     fn maintenance_serves_only_version_and_apply() {
-        let served: Vec<&str> = RULES.iter().filter(|r| r.maintenance).map(|r| r.path).collect();
+        let served: Vec<&str> = RULES
+            .iter()
+            .filter(|r| r.maintenance)
+            .map(|r| r.path)
+            .collect();
         assert_eq!(served.len(), 2);
         assert!(decide("/machine.v1alpha1.MachineService/Version", true, None).is_ok());
         assert!(decide("/machine.v1alpha1.EtcdService/Bootstrap", true, None).is_err());

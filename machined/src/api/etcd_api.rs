@@ -31,7 +31,10 @@ pub struct EtcdApi(pub Arc<Node>);
 
 #[tonic::async_trait]
 impl EtcdService for EtcdApi {
-    async fn bootstrap(&self, _: Request<Empty>) -> Result<Response<EtcdBootstrapResponse>, Status> {
+    async fn bootstrap(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<EtcdBootstrapResponse>, Status> {
         let message = self.0.bootstrap().await?;
         Ok(Response::new(EtcdBootstrapResponse { message }))
     }
@@ -58,10 +61,15 @@ impl EtcdService for EtcdApi {
         }))
     }
 
-    async fn add_member(&self, r: Request<EtcdAddMemberRequest>) -> Result<Response<EtcdMembersResponse>, Status> {
+    async fn add_member(
+        &self,
+        r: Request<EtcdAddMemberRequest>,
+    ) -> Result<Response<EtcdMembersResponse>, Status> {
         let urls = r.into_inner().peer_urls;
         if urls.is_empty() || urls.iter().any(|u| !u.starts_with("https://")) {
-            return Err(Status::invalid_argument("peer_urls: give https:// peer URLs"));
+            return Err(Status::invalid_argument(
+                "peer_urls: give https:// peer URLs",
+            ));
         }
         let c = self.0.etcd_client().await?;
         let (_, members) = c.add_member(&urls).await.map_err(unavailable)?;
@@ -70,14 +78,19 @@ impl EtcdService for EtcdApi {
         }))
     }
 
-    async fn remove_member(&self, r: Request<EtcdRemoveMemberRequest>) -> Result<Response<EtcdMembersResponse>, Status> {
+    async fn remove_member(
+        &self,
+        r: Request<EtcdRemoveMemberRequest>,
+    ) -> Result<Response<EtcdMembersResponse>, Status> {
         let wanted = r.into_inner().member;
         let c = self.0.etcd_client().await?;
         let members = c.members().await.map_err(unavailable)?;
         let target = members
             .iter()
             .find(|m| m.name == wanted || format!("{:x}", m.id) == wanted.to_lowercase())
-            .ok_or_else(|| Status::not_found(format!("no etcd member named or with ID {wanted:?}")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("no etcd member named or with ID {wanted:?}"))
+            })?;
         let members = c.remove_member(target.id).await.map_err(unavailable)?;
         Ok(Response::new(EtcdMembersResponse {
             members: members.into_iter().map(member).collect(),

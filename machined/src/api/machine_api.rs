@@ -39,7 +39,13 @@ impl MachineService for MachineApi {
             maintenance: cfg.is_none(),
             uptime_ms: self.0.uptime().as_millis() as u64,
             roles: cfg
-                .map(|c| c.machine.roles.iter().map(|r| r.as_str().to_owned()).collect())
+                .map(|c| {
+                    c.machine
+                        .roles
+                        .iter()
+                        .map(|r| r.as_str().to_owned())
+                        .collect()
+                })
                 .unwrap_or_default(),
         }))
     }
@@ -83,7 +89,10 @@ impl MachineService for MachineApi {
         Ok(Response::new(ConfirmConfigurationResponse { message }))
     }
 
-    async fn get_configuration(&self, _: Request<Empty>) -> Result<Response<GetConfigurationResponse>, Status> {
+    async fn get_configuration(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<GetConfigurationResponse>, Status> {
         let cfg = self
             .0
             .config()
@@ -106,7 +115,8 @@ impl MachineService for MachineApi {
 
     async fn health(&self, _: Request<Empty>) -> Result<Response<HealthResponse>, Status> {
         let services = self.0.services().await;
-        let healthy = !services.is_empty() && services.iter().all(|s| s.state == ServiceState::Healthy);
+        let healthy =
+            !services.is_empty() && services.iter().all(|s| s.state == ServiceState::Healthy);
         Ok(Response::new(HealthResponse {
             healthy,
             maintenance: self.0.in_maintenance().await,

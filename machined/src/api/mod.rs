@@ -27,7 +27,10 @@ fn banner(node: &Node, id: &tls::ServerIdentity, maintenance: bool, name: &str) 
         format!("fingerprint: {}", id.fingerprint),
     ];
     if maintenance {
-        lines.push("state:       maintenance: no config yet; waiting for `osctl apply-config --insecure`".into());
+        lines.push(
+            "state:       maintenance: no config yet; waiting for `osctl apply-config --insecure`"
+                .into(),
+        );
         match &node.opts.maintenance_token {
             Some(t) => lines.push(format!("token:       {t}")),
             None => lines.push("token:       disabled (--no-maintenance-token): anyone who can reach the node can configure it".into()),
@@ -66,8 +69,12 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
             .tls_config(id.tls_config())
             .map(|b| {
                 b.layer(authz::AuthzLayer { maintenance })
-                    .add_service(MachineServiceServer::new(machine_api::MachineApi(node.clone())))
-                    .add_service(ServiceServiceServer::new(service_api::ServiceApi(node.clone())))
+                    .add_service(MachineServiceServer::new(machine_api::MachineApi(
+                        node.clone(),
+                    )))
+                    .add_service(ServiceServiceServer::new(service_api::ServiceApi(
+                        node.clone(),
+                    )))
                     .add_service(EtcdServiceServer::new(etcd_api::EtcdApi(node.clone())))
                     .serve_with_shutdown(node.opts.listen, async {
                         let _ = stop_rx.await;
@@ -95,7 +102,10 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
         };
         let _ = stop_tx.send(());
         // Streams (logs -f) would hold a graceful shutdown open forever.
-        if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
             task.abort();
             let _ = task.await;
         }

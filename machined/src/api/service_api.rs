@@ -31,7 +31,9 @@ pub fn info(s: ServiceStatus) -> ServiceInfo {
 
 fn status_of(e: SupervisorError) -> Status {
     match e {
-        SupervisorError::UnknownService(n) => Status::not_found(format!("no service named {n:?} on this node")),
+        SupervisorError::UnknownService(n) => {
+            Status::not_found(format!("no service named {n:?} on this node"))
+        }
         other => Status::internal(other.to_string()),
     }
 }
@@ -48,7 +50,10 @@ impl ServiceService for ServiceApi {
         Ok(Response::new(ServiceList { services }))
     }
 
-    async fn start(&self, r: Request<ServiceRequest>) -> Result<Response<ServiceActionResponse>, Status> {
+    async fn start(
+        &self,
+        r: Request<ServiceRequest>,
+    ) -> Result<Response<ServiceActionResponse>, Status> {
         let name = r.into_inner().name;
         self.0.supervisor.start(&name).await.map_err(status_of)?;
         Ok(Response::new(ServiceActionResponse {
@@ -56,7 +61,10 @@ impl ServiceService for ServiceApi {
         }))
     }
 
-    async fn stop(&self, r: Request<ServiceRequest>) -> Result<Response<ServiceActionResponse>, Status> {
+    async fn stop(
+        &self,
+        r: Request<ServiceRequest>,
+    ) -> Result<Response<ServiceActionResponse>, Status> {
         let name = r.into_inner().name;
         self.0.supervisor.stop(&name).await.map_err(status_of)?;
         Ok(Response::new(ServiceActionResponse {
@@ -64,7 +72,10 @@ impl ServiceService for ServiceApi {
         }))
     }
 
-    async fn restart(&self, r: Request<ServiceRequest>) -> Result<Response<ServiceActionResponse>, Status> {
+    async fn restart(
+        &self,
+        r: Request<ServiceRequest>,
+    ) -> Result<Response<ServiceActionResponse>, Status> {
         let name = r.into_inner().name;
         self.0.supervisor.restart(&name).await.map_err(status_of)?;
         Ok(Response::new(ServiceActionResponse {
@@ -92,16 +103,14 @@ impl ServiceService for ServiceApi {
             return Ok(Response::new(Box::pin(head)));
         };
         let live = futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(line) => return Some((Ok(LogLine { line }), rx)),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let line = format!("[osctl: {n} lines dropped: the client read too slowly]");
-                        return Some((Ok(LogLine { line }), rx));
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            let line = match rx.recv().await {
+                Ok(line) => line,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    format!("[machined: {n} lines dropped: the client read too slowly]")
                 }
-            }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((Ok(LogLine { line }), rx))
         });
         use futures::StreamExt;
         Ok(Response::new(Box::pin(head.chain(live))))

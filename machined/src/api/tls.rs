@@ -33,7 +33,8 @@ impl std::fmt::Debug for ServerIdentity {
 
 impl ServerIdentity {
     pub fn tls_config(&self) -> ServerTlsConfig {
-        let tls = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        let tls =
+            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
         match &self.client_ca_pem {
             Some(ca) => tls.client_ca_root(Certificate::from_pem(ca)),
             None => tls,

@@ -186,7 +186,9 @@ mod tests {
     #[test]
     fn versions() {
         assert_eq!(
-            parse_major("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3"),
+            parse_major(
+                "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3"
+            ),
             Some(1)
         );
         assert_eq!(parse_major("containerd containerd.io v2.1.9 abc"), Some(2));
@@ -204,12 +206,18 @@ mod tests {
             cni_bin: "/opt/cni/bin".into(),
             cni_conf: "/etc/cni/net.d".into(),
         };
-        for (major, version, cri) in [(1, 2, "io.containerd.grpc.v1.cri"), (2, 3, "io.containerd.cri.v1.runtime")] {
+        for (major, version, cri) in [
+            (1, 2, "io.containerd.grpc.v1.cri"),
+            (2, 3, "io.containerd.cri.v1.runtime"),
+        ] {
             let text = config_toml(major, &p);
             let v: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
             assert_eq!(v["version"].as_integer(), Some(version));
             assert!(v["plugins"].get(cri).is_some(), "{text}");
-            assert_eq!(v["grpc"]["address"].as_str(), Some("/r/run/containerd/containerd.sock"));
+            assert_eq!(
+                v["grpc"]["address"].as_str(),
+                Some("/r/run/containerd/containerd.sock")
+            );
         }
     }
 }

@@ -87,15 +87,14 @@ pub fn ensure_certificates(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Etc
     let files = EtcdFiles::new(&ctx.paths);
     let io = |p: &PathBuf, e| RoleError::Io(p.display().to_string(), e);
     std::fs::create_dir_all(&files.dir).map_err(|e| io(&files.dir, e))?;
-    let ca_pem = cfg
-        .secrets
-        .etcd_ca
-        .as_ref()
-        .ok_or(RoleError::Certificates(SERVICE, "the config has no etcdCA".into()))?;
-    let key = ca_pem
-        .key
-        .as_ref()
-        .ok_or(RoleError::Certificates(SERVICE, "the config has no etcdCA key".into()))?;
+    let ca_pem = cfg.secrets.etcd_ca.as_ref().ok_or(RoleError::Certificates(
+        SERVICE,
+        "the config has no etcdCA".into(),
+    ))?;
+    let key = ca_pem.key.as_ref().ok_or(RoleError::Certificates(
+        SERVICE,
+        "the config has no etcdCA key".into(),
+    ))?;
     let node = leaves::NodeIdentity {
         name: ctx.node.name.clone(),
         addresses: vec![ctx.node.ip],
@@ -130,7 +129,11 @@ pub fn ensure_certificates(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Etc
 }
 
 /// etcd flags that go in its config file. Extra args may override them.
-fn base_config(cfg: &MachineConfig, ctx: &RoleContext, files: &EtcdFiles) -> BTreeMap<String, serde_json::Value> {
+fn base_config(
+    cfg: &MachineConfig,
+    ctx: &RoleContext,
+    files: &EtcdFiles,
+) -> BTreeMap<String, serde_json::Value> {
     use serde_json::json;
     let ip = ctx.node.ip;
     let tls = |cert: &str, key: &str| {
@@ -149,13 +152,28 @@ fn base_config(cfg: &MachineConfig, ctx: &RoleContext, files: &EtcdFiles) -> BTr
     let mut m = BTreeMap::from([
         ("name".to_owned(), json!(ctx.node.name)),
         ("data-dir".to_owned(), json!(ctx.paths.etcd_data())),
-        ("listen-client-urls".to_owned(), json!(listen_client.join(","))),
+        (
+            "listen-client-urls".to_owned(),
+            json!(listen_client.join(",")),
+        ),
         ("advertise-client-urls".to_owned(), json!(client_url(ip))),
         ("listen-peer-urls".to_owned(), json!(peer_url(ip))),
-        ("initial-advertise-peer-urls".to_owned(), json!(peer_url(ip))),
-        ("initial-cluster-token".to_owned(), json!(cfg.cluster.name.0)),
-        ("client-transport-security".to_owned(), tls("server.crt", "server.key")),
-        ("peer-transport-security".to_owned(), tls("peer.crt", "peer.key")),
+        (
+            "initial-advertise-peer-urls".to_owned(),
+            json!(peer_url(ip)),
+        ),
+        (
+            "initial-cluster-token".to_owned(),
+            json!(cfg.cluster.name.0),
+        ),
+        (
+            "client-transport-security".to_owned(),
+            tls("server.crt", "server.key"),
+        ),
+        (
+            "peer-transport-security".to_owned(),
+            tls("peer.crt", "peer.key"),
+        ),
         ("enable-v2".to_owned(), json!(false)),
         // Read from a config file, etcd 3.4 leaves the gRPC gateway off
         // unless asked; machined's membership calls go through it.
@@ -208,12 +226,17 @@ impl EtcdPreStart {
     }
 
     async fn join(&self, endpoints: Vec<String>) -> Result<String, String> {
-        let client = self.files.local_client(endpoints).map_err(|e| e.to_string())?;
+        let client = self
+            .files
+            .local_client(endpoints)
+            .map_err(|e| e.to_string())?;
         let members = client
             .members()
             .await
             .map_err(|e| format!("cannot list members to join: {e}"))?;
-        let mine = members.iter().find(|m| m.peer_urls.contains(&self.peer_url));
+        let mine = members
+            .iter()
+            .find(|m| m.peer_urls.contains(&self.peer_url));
         let members = match mine {
             Some(m) if !m.name.is_empty() && m.name != self.name => {
                 return Err(format!(
@@ -300,7 +323,9 @@ impl HealthCheck for EtcdHealth {
 /// Whether etcd should run now: it has data, was bootstrapped here, or has
 /// members to join.
 pub fn can_start(cfg: &MachineConfig, paths: &Paths) -> bool {
-    member_initialized(paths) || bootstrap_marker(paths).exists() || !cfg.cluster.etcd.endpoints.is_empty()
+    member_initialized(paths)
+        || bootstrap_marker(paths).exists()
+        || !cfg.cluster.etcd.endpoints.is_empty()
 }
 
 /// The etcd service, or None while it waits for `osctl bootstrap`.
@@ -322,7 +347,13 @@ pub fn service(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Option<ServiceS
         paths: ctx.paths.clone(),
         name: ctx.node.name.clone(),
         peer_url: peer_url(ctx.node.ip),
-        join_endpoints: cfg.cluster.etcd.endpoints.iter().map(|e| e.to_string()).collect(),
+        join_endpoints: cfg
+            .cluster
+            .etcd
+            .endpoints
+            .iter()
+            .map(|e| e.to_string())
+            .collect(),
     };
     Ok(Some(ServiceSpec {
         name: SERVICE.into(),

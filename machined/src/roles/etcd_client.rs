@@ -96,8 +96,8 @@ impl EtcdClient {
     ) -> Result<Self, EtcdClientError> {
         let tls = |e: reqwest::Error| EtcdClientError::Tls(e.to_string());
         let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(tls)?;
-        let identity =
-            reqwest::Identity::from_pem(format!("{cert_pem}\n{key_pem}").as_bytes()).map_err(tls)?;
+        let identity = reqwest::Identity::from_pem(format!("{cert_pem}\n{key_pem}").as_bytes())
+            .map_err(tls)?;
         let http = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)

@@ -72,7 +72,10 @@ impl RoleContext {
 }
 
 /// The services `cfg` asks for on this node.
-pub fn desired_services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpec>, RoleError> {
+pub fn desired_services(
+    cfg: &MachineConfig,
+    ctx: &RoleContext,
+) -> Result<Vec<ServiceSpec>, RoleError> {
     let mut out = vec![containerd::service(ctx)?];
     if cfg.has_role(Role::Etcd) {
         if let Some(spec) = etcd::service(cfg, ctx)? {

@@ -5,10 +5,17 @@ use machine_api::config::MachineConfig;
 
 /// Fields that only take effect at boot: disks, links, kernel modules and
 /// kernel parameters are set up by init before services start.
-const REBOOT_FIELDS: &[(&str, fn(&MachineConfig) -> String)] = &[
-    ("machine.installDisk", |c| format!("{:?}", c.machine.install_disk)),
+/// Reads one field of a config as comparable text.
+type FieldReader = fn(&MachineConfig) -> String;
+
+const REBOOT_FIELDS: &[(&str, FieldReader)] = &[
+    ("machine.installDisk", |c| {
+        format!("{:?}", c.machine.install_disk)
+    }),
     ("machine.network", |c| format!("{:?}", c.machine.network)),
-    ("machine.kernelModules", |c| format!("{:?}", c.machine.kernel_modules)),
+    ("machine.kernelModules", |c| {
+        format!("{:?}", c.machine.kernel_modules)
+    }),
     ("machine.sysctls", |c| format!("{:?}", c.machine.sysctls)),
 ];
 

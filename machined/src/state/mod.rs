@@ -2,7 +2,7 @@
 //! pending `try`. Every write is atomic (temp file, fsync, rename, fsync
 //! dir), so a crash or power cut leaves the old config or the new one.
 
-mod store;
 pub mod change;
+mod store;
 
 pub use store::{unix_ms, BootConfig, ConfigStore, StoreError, TryState};

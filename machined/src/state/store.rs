@@ -132,7 +132,10 @@ impl ConfigStore {
                     Ok(cfg) => {
                         if name == LKG {
                             self.write(CURRENT, &text)?;
-                            notes.push("config.yaml was unreadable; booted the last-known-good config".into());
+                            notes.push(
+                                "config.yaml was unreadable; booted the last-known-good config"
+                                    .into(),
+                            );
                         }
                         return Ok(BootConfig {
                             config: Some(cfg),
@@ -245,7 +248,8 @@ mod tests {
         let (a, b) = (cfg_text("a"), cfg_text("b"));
         s.save(&a).unwrap();
         s.save(&b).unwrap();
-        s.begin_try(&TryState::new(Duration::from_secs(60), "b".into())).unwrap();
+        s.begin_try(&TryState::new(Duration::from_secs(60), "b".into()))
+            .unwrap();
         assert!(s.pending_try().unwrap().is_some());
         s.rollback().unwrap();
         assert_eq!(s.current().unwrap().unwrap(), a);

@@ -56,12 +56,15 @@ impl ApplyConfig {
         // Check locally first: the node would refuse it anyway, and this
         // names the file and line.
         MachineConfig::parse(&text).map_err(|p| {
-            let lines: Vec<String> = p
-                .0
-                .iter()
-                .map(|x| format!("{}: {x}", self.file.display()))
-                .collect();
-            anyhow!("{} is invalid; nothing was sent:\n{}", self.file.display(), lines.join("\n"))
+            let lines: Vec<String> =
+                p.0.iter()
+                    .map(|x| format!("{}: {x}", self.file.display()))
+                    .collect();
+            anyhow!(
+                "{} is invalid; nothing was sent:\n{}",
+                self.file.display(),
+                lines.join("\n")
+            )
         })?;
         let s = if self.insecure {
             Session::insecure(&self.connect, self.cert_fingerprint.clone())?

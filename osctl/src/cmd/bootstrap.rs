@@ -25,6 +25,8 @@ impl Bootstrap {
         let res = s
             .call(|ch| async move { rpc(EtcdServiceClient::new(ch).bootstrap(Empty {}).await) })
             .await;
-        Ok(print(s.output, &res, &[], |r| vec![vec![r.message.clone()]]))
+        Ok(print(s.output, &res, &[], |r| {
+            vec![vec![r.message.clone()]]
+        }))
     }
 }

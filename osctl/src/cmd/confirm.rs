@@ -20,8 +20,14 @@ impl Confirm {
     pub async fn run(self) -> Result<ExitCode> {
         let s = Session::mutual(&self.connect)?;
         let res = s
-            .call(|ch| async move { rpc(MachineServiceClient::new(ch).confirm_configuration(Empty {}).await) })
+            .call(|ch| async move {
+                rpc(MachineServiceClient::new(ch)
+                    .confirm_configuration(Empty {})
+                    .await)
+            })
             .await;
-        Ok(print(s.output, &res, &[], |r| vec![vec![r.message.clone()]]))
+        Ok(print(s.output, &res, &[], |r| {
+            vec![vec![r.message.clone()]]
+        }))
     }
 }

@@ -34,43 +34,71 @@ impl Etcd {
         match self.command {
             EtcdCommand::Members => {
                 let res = s
-                    .call(|ch| async move { rpc(EtcdServiceClient::new(ch).members(Empty {}).await) })
+                    .call(
+                        |ch| async move { rpc(EtcdServiceClient::new(ch).members(Empty {}).await) },
+                    )
                     .await;
-                Ok(print(s.output, &res, &["ID", "NAME", "PEER URLS", "CLIENT URLS", "LEARNER"], |m| {
-                    m.members
-                        .iter()
-                        .map(|x| {
-                            vec![
-                                x.id.clone(),
-                                if x.name.is_empty() { "(not started)".into() } else { x.name.clone() },
-                                x.peer_urls.join(","),
-                                x.client_urls.join(","),
-                                x.is_learner.to_string(),
-                            ]
-                        })
-                        .collect()
-                }))
+                Ok(print(
+                    s.output,
+                    &res,
+                    &["ID", "NAME", "PEER URLS", "CLIENT URLS", "LEARNER"],
+                    |m| {
+                        m.members
+                            .iter()
+                            .map(|x| {
+                                vec![
+                                    x.id.clone(),
+                                    if x.name.is_empty() {
+                                        "(not started)".into()
+                                    } else {
+                                        x.name.clone()
+                                    },
+                                    x.peer_urls.join(","),
+                                    x.client_urls.join(","),
+                                    x.is_learner.to_string(),
+                                ]
+                            })
+                            .collect()
+                    },
+                ))
             }
             EtcdCommand::Status => {
                 let res = s
-                    .call(|ch| async move { rpc(EtcdServiceClient::new(ch).status(Empty {}).await) })
+                    .call(
+                        |ch| async move { rpc(EtcdServiceClient::new(ch).status(Empty {}).await) },
+                    )
                     .await;
-                Ok(print(s.output, &res, &["MEMBER", "LEADER", "VERSION", "DB SIZE", "RAFT TERM", "RAFT INDEX", "ERRORS"], |x| {
-                    vec![vec![
-                        x.member_id.clone(),
-                        x.leader_id.clone(),
-                        x.version.clone(),
-                        human_bytes(x.db_size),
-                        x.raft_term.to_string(),
-                        x.raft_index.to_string(),
-                        x.errors.join("; "),
-                    ]]
-                }))
+                Ok(print(
+                    s.output,
+                    &res,
+                    &[
+                        "MEMBER",
+                        "LEADER",
+                        "VERSION",
+                        "DB SIZE",
+                        "RAFT TERM",
+                        "RAFT INDEX",
+                        "ERRORS",
+                    ],
+                    |x| {
+                        vec![vec![
+                            x.member_id.clone(),
+                            x.leader_id.clone(),
+                            x.version.clone(),
+                            human_bytes(x.db_size),
+                            x.raft_term.to_string(),
+                            x.raft_index.to_string(),
+                            x.errors.join("; "),
+                        ]]
+                    },
+                ))
             }
             EtcdCommand::RemoveMember { member } => {
                 let res = s
                     .call(|ch| {
-                        let req = EtcdRemoveMemberRequest { member: member.clone() };
+                        let req = EtcdRemoveMemberRequest {
+                            member: member.clone(),
+                        };
                         async move { rpc(EtcdServiceClient::new(ch).remove_member(req).await) }
                     })
                     .await;

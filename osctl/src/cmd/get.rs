@@ -27,7 +27,11 @@ impl Get {
     pub async fn run(self) -> Result<ExitCode> {
         let s = Session::mutual(&self.connect)?;
         let res = s
-            .call(|ch| async move { rpc(MachineServiceClient::new(ch).get_configuration(Empty {}).await) })
+            .call(|ch| async move {
+                rpc(MachineServiceClient::new(ch)
+                    .get_configuration(Empty {})
+                    .await)
+            })
             .await;
         Ok(print(s.output, &res, &[], |r| {
             let mut out = vec![vec![String::from_utf8_lossy(&r.data).trim_end().to_owned()]];
@@ -35,7 +39,9 @@ impl Get {
                 out.push(vec!["# a staged config waits for the next reboot".into()]);
             }
             if r.try_deadline_unix_ms > 0 {
-                out.push(vec!["# this config is on trial: `osctl confirm` keeps it".into()]);
+                out.push(vec![
+                    "# this config is on trial: `osctl confirm` keeps it".into()
+                ]);
             }
             out
         }))

@@ -37,11 +37,26 @@ impl Health {
                             .services
                             .iter()
                             .filter(|x| !x.healthy)
-                            .map(|x| format!("{} {}{}", x.name, x.state, if x.message.is_empty() { String::new() } else { format!(" ({})", x.message) }))
+                            .map(|x| {
+                                format!(
+                                    "{} {}{}",
+                                    x.name,
+                                    x.state,
+                                    if x.message.is_empty() {
+                                        String::new()
+                                    } else {
+                                        format!(" ({})", x.message)
+                                    }
+                                )
+                            })
                             .collect();
                         Err(anyhow::anyhow!(
                             "unhealthy: {}",
-                            if h.maintenance { "maintenance mode (no config)".to_owned() } else { bad.join("; ") }
+                            if h.maintenance {
+                                "maintenance mode (no config)".to_owned()
+                            } else {
+                                bad.join("; ")
+                            }
                         ))
                     }
                 })
@@ -56,7 +71,11 @@ impl Health {
                     eprintln!("waiting: {}", waiting.join(" | "));
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
-                _ => return Ok(print(s.output, &res, HEADER, |h| h.services.iter().map(row).collect())),
+                _ => {
+                    return Ok(print(s.output, &res, HEADER, |h| {
+                        h.services.iter().map(row).collect()
+                    }))
+                }
             }
         }
     }

@@ -40,7 +40,11 @@ impl Logs {
         let res = s
             .call_named(|node, ch| {
                 let req = req.clone();
-                let prefix = if multi { format!("{node}: ") } else { String::new() };
+                let prefix = if multi {
+                    format!("{node}: ")
+                } else {
+                    String::new()
+                };
                 async move {
                     let mut stream = rpc(ServiceServiceClient::new(ch).logs(req).await)?;
                     loop {

@@ -56,10 +56,16 @@ impl Reset {
         let s = Session::mutual(&self.connect)?;
         let graceful = self.graceful;
         let res = s
-            .call(|ch| async move { rpc(MachineServiceClient::new(ch).reset(ResetRequest { graceful }).await) })
+            .call(|ch| async move {
+                rpc(MachineServiceClient::new(ch)
+                    .reset(ResetRequest { graceful })
+                    .await)
+            })
             .await;
         Ok(print(s.output, &res, &[], |_| {
-            vec![vec!["reset: config and data wiped; the node is back in maintenance mode".into()]]
+            vec![vec![
+                "reset: config and data wiped; the node is back in maintenance mode".into(),
+            ]]
         }))
     }
 }

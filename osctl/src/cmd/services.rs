@@ -10,7 +10,9 @@ use machine_api::proto::{Empty, ServiceInfo, ServiceRequest};
 use super::session::{human_age, human_bytes, print, rpc, Session};
 use crate::client::ConnectArgs;
 
-pub const HEADER: &[&str] = &["SERVICE", "STATE", "HEALTH", "RESTARTS", "PID", "MEMORY", "CPU", "AGE", "MESSAGE"];
+pub const HEADER: &[&str] = &[
+    "SERVICE", "STATE", "HEALTH", "RESTARTS", "PID", "MEMORY", "CPU", "AGE", "MESSAGE",
+];
 
 pub fn row(s: &ServiceInfo) -> Vec<String> {
     vec![
@@ -18,9 +20,21 @@ pub fn row(s: &ServiceInfo) -> Vec<String> {
         s.state.clone(),
         if s.healthy { "ok".into() } else { "-".into() },
         s.restarts.to_string(),
-        if s.pid > 0 { s.pid.to_string() } else { "-".into() },
-        if s.memory_bytes > 0 { human_bytes(s.memory_bytes) } else { "-".into() },
-        if s.cpu_usec > 0 { format!("{:.2}s", s.cpu_usec as f64 / 1e6) } else { "-".into() },
+        if s.pid > 0 {
+            s.pid.to_string()
+        } else {
+            "-".into()
+        },
+        if s.memory_bytes > 0 {
+            human_bytes(s.memory_bytes)
+        } else {
+            "-".into()
+        },
+        if s.cpu_usec > 0 {
+            format!("{:.2}s", s.cpu_usec as f64 / 1e6)
+        } else {
+            "-".into()
+        },
         human_age(s.since_unix_ms),
         format!("{}{}", if s.adopted { "(adopted) " } else { "" }, s.message),
     ]
@@ -38,7 +52,9 @@ impl Services {
         let res = s
             .call(|ch| async move { rpc(ServiceServiceClient::new(ch).list(Empty {}).await) })
             .await;
-        Ok(print(s.output, &res, HEADER, |l| l.services.iter().map(row).collect()))
+        Ok(print(s.output, &res, HEADER, |l| {
+            l.services.iter().map(row).collect()
+        }))
     }
 }
 
@@ -94,6 +110,8 @@ impl Service {
                 }
             })
             .await;
-        Ok(print(s.output, &res, &[], |r| vec![vec![r.message.clone()]]))
+        Ok(print(s.output, &res, &[], |r| {
+            vec![vec![r.message.clone()]]
+        }))
     }
 }

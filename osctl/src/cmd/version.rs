@@ -39,14 +39,23 @@ impl Version {
         let res = s
             .call(|ch| async move { rpc(MachineServiceClient::new(ch).version(Empty {}).await) })
             .await;
-        Ok(print(s.output, &res, &["NAME", "VERSION", "MODE", "ROLES", "UPTIME"], |v| {
-            vec![vec![
-                v.node.clone(),
-                v.version.clone(),
-                if v.maintenance { "maintenance".into() } else { "configured".into() },
-                v.roles.join(","),
-                format!("{:.1}s", v.uptime_ms as f64 / 1000.0),
-            ]]
-        }))
+        Ok(print(
+            s.output,
+            &res,
+            &["NAME", "VERSION", "MODE", "ROLES", "UPTIME"],
+            |v| {
+                vec![vec![
+                    v.node.clone(),
+                    v.version.clone(),
+                    if v.maintenance {
+                        "maintenance".into()
+                    } else {
+                        "configured".into()
+                    },
+                    v.roles.join(","),
+                    format!("{:.1}s", v.uptime_ms as f64 / 1000.0),
+                ]]
+            },
+        ))
     }
 }
