@@ -133,12 +133,23 @@ fn existing_files_are_kept_without_force() {
         .map(|f| fs::read(dir.path().join(f)).unwrap())
         .collect();
     assert_eq!(before, after);
+    // --force never silently replaces the cluster's CAs …
     let out = gen(dir.path(), &["--force"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert_ne!(
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--with-secrets"), "{}", text(&out));
+    assert_eq!(
         fs::read(dir.path().join("secrets.yaml")).unwrap(),
         before[0]
     );
+    // … but regenerates the configs from the same bundle when told to.
+    let secrets = dir.path().join("secrets.yaml");
+    let out = gen(
+        dir.path(),
+        &["--force", "--with-secrets", secrets.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fs::read(&secrets).unwrap(), before[0]);
+    assert_ne!(fs::read(dir.path().join("osconfig")).unwrap(), before[3]);
     // No temporary files left behind.
     let names: Vec<String> = fs::read_dir(dir.path())
         .unwrap()
@@ -253,6 +264,7 @@ fn bad_arguments_get_one_line_errors() {
         ),
         (vec!["gen", "config", "demo", "http://a:6443"], "https://"),
         (vec!["gen", "config", "demo", "a:6443"], "ENDPOINT"),
+        (vec!["gen", "config", "demo", "https://a"], "explicit port"),
         (
             vec![
                 "gen",
@@ -317,4 +329,83 @@ fn published_docs_match_the_code() {
         schema.stdout == on_disk_schema && reference.stdout == on_disk_ref,
         "docs are stale: run `scripts/gen-docs.sh` and commit the result"
     );
+}
+
+#[test]
+fn validate_takes_several_files_after_one_flag_and_sorts_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(gen(dir.path(), &[]).status.success());
+    let w = dir.path().join("worker.yaml");
+    let cp = dir.path().join("controlplane.yaml");
+    let out = osctl(&["validate", "-f", w.to_str().unwrap(), cp.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // A missing kubernetesVersion is reported as missing, not as a type error.
+    let t = fs::read_to_string(&w).unwrap();
+    let bad: String = t
+        .lines()
+        .filter(|l| !l.contains("kubernetesVersion"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replace("https://10.5.0.2:6443", "http://10.5.0.2:6443")
+        .replacen("  - worker", "  - worker\n  bogus: 1", 1);
+    let f = dir.path().join("bad.yaml");
+    fs::write(&f, bad).unwrap();
+    let out = osctl(&["validate", "-f", f.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(
+        t.contains("cluster.kubernetesVersion: required field is missing"),
+        "{t}"
+    );
+    let lines: Vec<usize> = t
+        .lines()
+        .filter_map(|l| l.split(':').nth(1)?.parse().ok())
+        .collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted, "{t}");
+}
+
+#[test]
+fn gen_osconfig_merges_contexts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("s.yaml");
+    assert!(osctl(&["gen", "secrets", "-o", s.to_str().unwrap()])
+        .status
+        .success());
+    let o = dir.path().join("osconfig");
+    for (ctx, role) in [("a", "admin"), ("b", "reader")] {
+        let out = osctl(&[
+            "gen",
+            "osconfig",
+            "--with-secrets",
+            s.to_str().unwrap(),
+            "--role",
+            role,
+            "--context",
+            ctx,
+            "-e",
+            "10.0.0.1",
+            "-o",
+            o.to_str().unwrap(),
+            "--merge",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let cfg = machine_api::osconfig::OsConfig::parse(&fs::read_to_string(&o).unwrap()).unwrap();
+    assert_eq!(cfg.contexts.len(), 2);
+    assert_eq!(cfg.context, "b");
+}
+
+#[test]
+fn docs_schema_into_a_closed_pipe_is_not_an_error() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_osctl"))
+        .args(["docs", "schema"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }

@@ -262,26 +262,31 @@ impl JsonSchema for KubernetesVersion {
 /// Sysctl values and command-line arguments are strings to the kernel and to
 /// the binaries, but operators naturally write `net.ipv4.ip_forward: 1`.
 pub fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        S(String),
-        I(i64),
-        U(u64),
-        F(f64),
-        B(bool),
+    // A visitor rather than an untagged enum: errors that are not about the
+    // value's type (a missing field) pass through unchanged.
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string, number or boolean")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
     }
-    Ok(
-        match Scalar::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected a string, number or boolean"))?
-        {
-            Scalar::S(s) => s,
-            Scalar::I(i) => i.to_string(),
-            Scalar::U(u) => u.to_string(),
-            Scalar::F(f) => f.to_string(),
-            Scalar::B(b) => b.to_string(),
-        },
-    )
+    d.deserialize_any(Text)
 }
 
 /// Reads a map whose values are scalars, keeping the values as text.

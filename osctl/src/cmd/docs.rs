@@ -16,13 +16,17 @@ pub enum Docs {
 
 impl Docs {
     pub fn run(self) -> Result<ExitCode> {
-        match self {
-            Docs::Schema => println!(
-                "{}",
-                serde_json::to_string_pretty(&machine_api::config::json_schema())?
-            ),
-            Docs::ConfigReference => print!("{}", machine_api::config::reference::markdown()),
+        let text = match self {
+            Docs::Schema => {
+                serde_json::to_string_pretty(&machine_api::config::json_schema())? + "\n"
+            }
+            Docs::ConfigReference => machine_api::config::reference::markdown(),
+        };
+        use std::io::Write;
+        match std::io::stdout().write_all(text.as_bytes()) {
+            // `osctl docs schema | head` closes the pipe early: not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+            other => other.map(|()| ExitCode::SUCCESS).map_err(Into::into),
         }
-        Ok(ExitCode::SUCCESS)
     }
 }

@@ -98,6 +98,10 @@ pub struct GenOsconfig {
     /// File to write.
     #[arg(long, short = 'o', default_value = "osconfig")]
     pub output: PathBuf,
+    /// Add the context to an existing file (replacing a context of the
+    /// same name) and make it current, instead of writing a new file.
+    #[arg(long, conflicts_with = "force")]
+    pub merge: bool,
     /// Replace an existing file.
     #[arg(long)]
     pub force: bool,
@@ -116,7 +120,7 @@ pub fn load_bundle(path: &Path) -> Result<SecretsBundle> {
         _ => {
             let lines: Vec<String> = problems
                 .iter()
-                .map(|p| format!("{}: {p}", path.display()))
+                .map(|p| crate::cmd::validate::problem_line(path, p))
                 .collect();
             bail!("invalid secrets bundle:\n{}", lines.join("\n"))
         }
@@ -137,6 +141,9 @@ fn parse_endpoint(text: &str) -> Result<Url> {
     if url.host_str().is_none_or(str::is_empty) {
         bail!("ENDPOINT {text:?} has no host");
     }
+    if url.port().is_none() {
+        bail!("ENDPOINT {text:?} needs an explicit port, e.g. https://10.5.0.2:6443");
+    }
     Ok(url)
 }
 
@@ -144,8 +151,13 @@ fn osconfig_endpoint(url: &Url) -> String {
     url.host_str().unwrap_or_default().to_owned()
 }
 
-/// Applies patches to a generated config and validates the result.
-fn patched(name: &str, cfg: &MachineConfig, patches: &[&ConfigPatch]) -> Result<String> {
+/// Applies patches to a generated config and validates the result; on
+/// failure returns the problems as lines naming the file.
+fn patched(
+    name: &str,
+    cfg: &MachineConfig,
+    patches: &[&ConfigPatch],
+) -> Result<std::result::Result<String, Vec<String>>> {
     let mut doc = serde_json::to_value(cfg).context("serialize config")?;
     for p in patches {
         p.apply(&mut doc)
@@ -154,18 +166,14 @@ fn patched(name: &str, cfg: &MachineConfig, patches: &[&ConfigPatch]) -> Result<
     let yaml = serde_norway::to_string(&doc).context("serialize patched config")?;
     // Written back from the typed document, so the file is in canonical
     // form whatever shape the patch used (e.g. sysctl values as strings).
-    let cfg = MachineConfig::parse(&yaml).map_err(|problems| {
-        anyhow!(
-            "{name} is invalid after patching:\n{}",
-            problems
-                .0
-                .iter()
-                .map(|p| format!("  {}: {}", p.path, p.message))
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })?;
-    Ok(cfg.to_yaml())
+    Ok(match MachineConfig::parse(&yaml) {
+        Ok(cfg) => Ok(cfg.to_yaml()),
+        Err(problems) => Err(problems
+            .0
+            .iter()
+            .map(|p| format!("  {name}: {}: {}", p.path, p.message))
+            .collect()),
+    })
 }
 
 fn header(what: &str) -> String {
@@ -201,7 +209,19 @@ impl GenConfig {
 
         let (bundle, bundle_is_new) = match &self.with_secrets {
             Some(path) => (load_bundle(path)?, false),
-            None => (SecretsBundle::generate()?, true),
+            None => {
+                let existing = self.output_dir.join("secrets.yaml");
+                if self.force && existing.exists() {
+                    // --force must not silently mint a new cluster: every
+                    // node configured from the old bundle would be orphaned.
+                    bail!(
+                        "{} exists: pass --with-secrets {} to keep the cluster's CAs, or delete it to start a new cluster",
+                        existing.display(),
+                        existing.display()
+                    );
+                }
+                (SecretsBundle::generate()?, true)
+            }
         };
         let input = ClusterInput {
             name: name.clone(),
@@ -211,16 +231,23 @@ impl GenConfig {
         };
         let cp = machine_config(&bundle, &input, &[Role::Controlplane, Role::Etcd]);
         let worker = machine_config(&bundle, &input, &[Role::Worker]);
-        let cp_yaml = patched(
-            "controlplane.yaml",
-            &cp,
-            &common.iter().chain(&cp_patches).collect::<Vec<_>>(),
-        )?;
-        let worker_yaml = patched(
-            "worker.yaml",
-            &worker,
-            &common.iter().chain(&worker_patches).collect::<Vec<_>>(),
-        )?;
+        let cp_patches: Vec<&ConfigPatch> = common.iter().chain(&cp_patches).collect();
+        let worker_patches: Vec<&ConfigPatch> = common.iter().chain(&worker_patches).collect();
+        let cp_yaml = patched("controlplane.yaml", &cp, &cp_patches)?;
+        let worker_yaml = patched("worker.yaml", &worker, &worker_patches)?;
+        let (cp_yaml, worker_yaml) = match (cp_yaml, worker_yaml) {
+            (Ok(c), Ok(w)) => (c, w),
+            (c, w) => {
+                let mut lines = c.err().unwrap_or_default();
+                lines.extend(w.err().unwrap_or_default());
+                let why = if cp_patches.is_empty() && worker_patches.is_empty() {
+                    "the generated configs are invalid (check the flags)"
+                } else {
+                    "the configs are invalid after patching"
+                };
+                bail!("{why}; nothing was written:\n{}", lines.join("\n"));
+            }
+        };
 
         let admin = os_client_cert(&bundle, "admin", OsRole::Admin)?;
         let osconfig = OsConfig::single(
@@ -289,16 +316,26 @@ impl GenOsconfig {
     fn run(self) -> Result<ExitCode> {
         let bundle = load_bundle(&self.with_secrets)?;
         let cert = os_client_cert(&bundle, &self.name, self.role)?;
-        let osconfig = OsConfig::single(
-            &self.context,
-            OsContext {
-                endpoints: self.endpoints.clone(),
-                nodes: Vec::new(),
-                ca: bundle.os_ca.crt.clone(),
-                crt: cert.cert_pem,
-                key: cert.key_pem,
-            },
-        );
+        let context = OsContext {
+            endpoints: self.endpoints.clone(),
+            nodes: Vec::new(),
+            ca: bundle.os_ca.crt.clone(),
+            crt: cert.cert_pem,
+            key: cert.key_pem,
+        };
+        let osconfig = if self.merge && self.output.exists() {
+            let text = files::read(&self.output)?;
+            let mut existing = OsConfig::parse(&text).map_err(|p| {
+                anyhow!(
+                    "{} is not a valid osconfig, not merging into it:\n{p}",
+                    self.output.display()
+                )
+            })?;
+            existing.merge(&self.context, context);
+            existing
+        } else {
+            OsConfig::single(&self.context, context)
+        };
         files::write_all(
             &[OutFile {
                 path: self.output.clone(),
@@ -308,7 +345,7 @@ impl GenOsconfig {
                 )) + &osconfig.to_yaml(),
                 mode: SECRET,
             }],
-            self.force,
+            self.force || self.merge,
         )?;
         println!("wrote {}", self.output.display());
         Ok(ExitCode::SUCCESS)

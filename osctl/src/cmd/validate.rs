@@ -14,7 +14,7 @@ use machine_api::pki::bundle::{SecretsBundle, BUNDLE_KIND};
 pub struct Validate {
     /// Files to check: machine configs, secrets bundles or osconfig files
     /// (recognised by their `kind`). Repeatable.
-    #[arg(long = "file", short = 'f', required = true)]
+    #[arg(long = "file", short = 'f', required = true, num_args = 1..)]
     pub files: Vec<PathBuf>,
 }
 
@@ -54,6 +54,19 @@ fn check(text: &str) -> (String, Vec<Problem>) {
     }
 }
 
+/// `FILE:LINE: path: message`, the one format every problem is shown in.
+pub fn problem_line(file: &std::path::Path, p: &Problem) -> String {
+    let loc = match p.line {
+        Some(l) => format!("{}:{l}", file.display()),
+        None => file.display().to_string(),
+    };
+    if p.path.is_empty() {
+        format!("{loc}: {}", p.message)
+    } else {
+        format!("{loc}: {}: {}", p.path, p.message)
+    }
+}
+
 impl Validate {
     pub fn run(self) -> Result<ExitCode> {
         let mut failed = false;
@@ -66,22 +79,16 @@ impl Validate {
                     continue;
                 }
             };
-            let (what, problems) = check(&text);
+            let (what, mut problems) = check(&text);
+            // In file order, as an editor shows them.
+            problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
             if problems.is_empty() {
                 println!("{}: valid {what}", path.display());
                 continue;
             }
             failed = true;
             for p in &problems {
-                let loc = match p.line {
-                    Some(l) => format!("{}:{l}", path.display()),
-                    None => path.display().to_string(),
-                };
-                if p.path.is_empty() {
-                    eprintln!("{loc}: {}", p.message);
-                } else {
-                    eprintln!("{loc}: {}: {}", p.path, p.message);
-                }
+                eprintln!("{}", problem_line(path, p));
             }
             eprintln!(
                 "{}: invalid {what}: {} problem{}",
