@@ -23,7 +23,15 @@ fn banner(node: &Node, id: &tls::ServerIdentity, maintenance: bool, name: &str) 
     let mut lines = vec![
         format!("node:        {name}"),
         format!("address:     {}", node.opts.node_ip),
-        format!("OS API:      {} (mutual TLS)", node.opts.listen),
+        format!(
+            "OS API:      {} ({})",
+            node.opts.listen,
+            if maintenance {
+                "TLS; pin this certificate with --cert-fingerprint"
+            } else {
+                "mutual TLS, client certificates from the OS CA"
+            }
+        ),
         format!("fingerprint: {}", id.fingerprint),
     ];
     if maintenance {
