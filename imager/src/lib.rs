@@ -1,0 +1,4 @@
+pub mod tree;
+pub mod assemble;
+pub mod lock;
+pub mod profile;

@@ -1,0 +1,200 @@
+//! init: PID 1 of a node. Small on purpose: mount the kernel filesystems,
+//! load the image's modules, bring up `lo`, then start machined, restart it
+//! if it exits, and reap every orphan. machined is a separate process so
+//! that a machined crash never becomes a kernel panic (PID 1 must not exit).
+//!
+//! Kernel command line:
+//! - `init.test=poweroff`: print the boot marker and power off (boot tests);
+//! - everything else is for machined (`machined.token=...`, `ip=...`).
+
+use std::ffi::CString;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+const MACHINED: &str = "/usr/bin/machined";
+/// machined exits with this code to ask for a reboot.
+const EXIT_REBOOT: i32 = 10;
+
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn log(msg: &str) {
+    let line = format!("[init {:>8}s] {msg}\n", uptime());
+    // PID 1's stdout is the console; ignore errors, there is nowhere else.
+    let _ = std::io::stdout().write_all(line.as_bytes());
+    let _ = std::io::stdout().flush();
+}
+
+fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    match mount(Some(src), target, Some(fstype), flags, data) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EBUSY) => {} // already mounted (e.g. devtmpfs automount)
+        Err(e) => log(&format!("mount {fstype} on {target}: {e}")),
+    }
+}
+
+fn mount_all() {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid, None);
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
+    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=0620,ptmxmode=0666"));
+    mount_fs("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
+    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
+    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
+    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None);
+}
+
+/// Loads the modules listed by the imager, in dependency order.
+fn load_modules() {
+    let Ok(list) = std::fs::read_to_string("/etc/modules-load.list") else {
+        return;
+    };
+    let mut loaded = 0;
+    for path in list.lines().filter(|l| !l.trim().is_empty()) {
+        let full = Path::new("/").join(path);
+        let compressed = path.ends_with(".xz") || path.ends_with(".zst") || path.ends_with(".gz");
+        let flags = if compressed {
+            nix::kmod::ModuleInitFlags::from_bits_truncate(4) // MODULE_INIT_COMPRESSED_FILE
+        } else {
+            nix::kmod::ModuleInitFlags::empty()
+        };
+        match std::fs::File::open(&full) {
+            Ok(f) => match nix::kmod::finit_module(&f, &CString::default(), flags) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => loaded += 1,
+                Err(e) => log(&format!("module {path}: {e}")),
+            },
+            Err(e) => log(&format!("module {path}: {e}")),
+        }
+    }
+    log(&format!("loaded {loaded} kernel modules"));
+}
+
+/// Brings the loopback interface up (etcd and the API use it).
+fn loopback_up() {
+    // SAFETY: socket(2) with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        log("lo: cannot open a socket");
+        return;
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: fd is a valid socket and req a valid ifreq for these ioctls;
+    // the union field written is the one SIOCSIFFLAGS reads.
+    unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) != 0 {
+                log("lo: cannot bring it up");
+            }
+        }
+        libc::close(fd);
+    }
+}
+
+fn cmdline_has(word: &str) -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|w| w == word))
+        .unwrap_or(false)
+}
+
+fn power(mode: RebootMode) -> ! {
+    nix::unistd::sync();
+    log(match mode {
+        RebootMode::RB_AUTOBOOT => "rebooting",
+        _ => "powering off",
+    });
+    let _ = reboot(mode);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Reaps every exited child; returns machined's exit code if it was one.
+fn reap(machined: Option<Pid>) -> Option<i32> {
+    let mut machined_exit = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if Some(pid) == machined => machined_exit = Some(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if Some(pid) == machined => {
+                log(&format!("machined killed by {sig}"));
+                machined_exit = Some(128 + sig as i32);
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return machined_exit,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn start_machined() -> Option<Pid> {
+    if !Path::new(MACHINED).exists() {
+        log("no machined in this image");
+        return None;
+    }
+    match std::process::Command::new(MACHINED).spawn() {
+        Ok(child) => {
+            let pid = Pid::from_raw(child.id() as i32);
+            // The child is reaped by waitpid(-1) below, not through `child`.
+            std::mem::forget(child);
+            log(&format!("started machined (pid {pid})"));
+            Some(pid)
+        }
+        Err(e) => {
+            log(&format!("cannot start machined: {e}"));
+            None
+        }
+    }
+}
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("init: must run as PID 1 (this is the node's init, not a tool)");
+        std::process::exit(2);
+    }
+    mount_all();
+    log("init started");
+    load_modules();
+    loopback_up();
+    if cmdline_has("init.test=poweroff") {
+        log("boot test: init reached; powering off");
+        power(RebootMode::RB_POWER_OFF);
+    }
+    let mut machined = start_machined();
+    let mut last_start = Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(code) = reap(machined) {
+            match code {
+                EXIT_REBOOT => power(RebootMode::RB_AUTOBOOT),
+                0 => power(RebootMode::RB_POWER_OFF),
+                _ => {
+                    log(&format!("machined exited with {code}; restarting in {}s", backoff.as_secs()));
+                    std::thread::sleep(backoff);
+                    backoff = if last_start.elapsed() > Duration::from_secs(60) {
+                        Duration::from_secs(1)
+                    } else {
+                        (backoff * 2).min(Duration::from_secs(30))
+                    };
+                    machined = start_machined();
+                    last_start = Instant::now();
+                }
+            }
+        }
+    }
+}
