@@ -138,6 +138,60 @@ fn maintenance_apply_bootstrap_and_etcd_healthy_over_mtls() {
         .expect_ok();
     assert!(l.stdout.contains("serving client traffic"), "{}", l.text());
     assert!(node.root.join("var/log/etcd.log").exists());
+
+    // Follow: new lines arrive while the stream is open.
+    let mut follow = std::process::Command::new(node_tests::bin("osctl"))
+        .args([
+            "logs",
+            "containerd",
+            "-f",
+            "--tail",
+            "1",
+            "--osconfig",
+            &files.osconfig(),
+            "-n",
+            ip,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    files
+        .osctl(&[ip], &["service", "containerd", "restart"])
+        .expect_ok();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+            if seen
+                .iter()
+                .any(|l| l.contains("containerd successfully booted"))
+            {
+                break;
+            }
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("containerd successfully booted")),
+        "no new containerd lines followed: {seen:?}"
+    );
 }
 
 #[test]
