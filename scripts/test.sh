@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Real node parts for the integration tests (Debian packages).
-export EXTRA_APT_PACKAGES="etcd-server etcd-client containerd runc ${EXTRA_APT_PACKAGES:-}"
+export EXTRA_APT_PACKAGES="etcd-server etcd-client containerd runc qemu-system-x86 ovmf cpio gdisk mtools squashfs-tools dosfstools zstd ${EXTRA_APT_PACKAGES:-}"
 source scripts/setup.sh
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked

@@ -39,7 +39,9 @@ pub enum LockError {
     Missing(String, String),
     #[error("lock file {0}: {1}")]
     Invalid(String, String),
-    #[error("lock file {0} is stale: the profile's source or packages changed; run `imager lock {1}`")]
+    #[error(
+        "lock file {0} is stale: the profile's source or packages changed; run `imager lock {1}`"
+    )]
     Stale(String, String),
 }
 

@@ -1,1 +1,142 @@
-fn main() {}
+//! imager: bakes bootable node images from a declarative profile.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use imager::build::{self, BuildOptions, Progress};
+use imager::lock::Lock;
+use imager::profile::Profile;
+
+#[derive(Debug, Parser)]
+#[command(name = "imager", version, about = "Build bootable node images from a profile and verified distribution packages")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Print only errors.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the outputs of PROFILE from its lock file.
+    Build {
+        profile: PathBuf,
+        /// Output directory.
+        #[arg(long, short = 'o', default_value = "_out/image")]
+        output: PathBuf,
+        /// Package mirror URI (default: the host's apt configuration, or $IMAGER_MIRROR).
+        #[arg(long, env = "IMAGER_MIRROR")]
+        mirror: Option<String>,
+        /// Our machined binary (default: target/release/machined).
+        #[arg(long)]
+        machined: Option<PathBuf>,
+        /// Our init binary (default: target/release/init).
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Directory with kube-apiserver, kubelet, ... for the image.
+        #[arg(long)]
+        kubernetes_dir: Option<PathBuf>,
+        /// Timestamp for every file (default: the locked release's date).
+        #[arg(long, env = "SOURCE_DATE_EPOCH")]
+        source_date_epoch: Option<u64>,
+        /// Parallel unpack jobs.
+        #[arg(long, short = 'j', default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))]
+        jobs: usize,
+    },
+    /// Resolve PROFILE's packages in the signed index and write PROFILE.lock.
+    Lock {
+        profile: PathBuf,
+        #[arg(long, env = "IMAGER_MIRROR")]
+        mirror: Option<String>,
+    },
+    /// List the contents of an initramfs, disk image or manifest.
+    Inspect { file: PathBuf },
+    /// List the profiles in a directory.
+    Profiles {
+        #[arg(default_value = "profiles")]
+        dir: PathBuf,
+    },
+}
+
+fn default_bin(name: &str) -> PathBuf {
+    // Next to this imager when it was built in the workspace, else target/release.
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| Path::new("target/release").join(name))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let progress = Progress::new(cli.quiet);
+    let r = match cli.command {
+        Command::Build { profile, output, mirror, machined, init, kubernetes_dir, source_date_epoch, jobs } => {
+            let opts = BuildOptions {
+                profile,
+                output,
+                mirror,
+                machined: machined.unwrap_or_else(|| default_bin("machined")),
+                init: init.unwrap_or_else(|| default_bin("init")),
+                kubernetes_dir,
+                source_date_epoch,
+                jobs,
+            };
+            build::build(&opts, &progress).map(|m| {
+                for o in &m.outputs {
+                    println!("{:<10} {:>12}  {}  {}", o.kind, o.size, &o.sha256[..16], opts.output.join(&o.path).display());
+                }
+                if !m.kubernetes.present {
+                    println!("note: {}", m.kubernetes.note);
+                }
+            })
+        }
+        Command::Lock { profile, mirror } => build::lock(&profile, mirror.as_deref(), &progress).and_then(|lock| {
+            let path = Lock::path_for(&profile);
+            machine_api::atomic::write_atomic(&path, lock.to_yaml().as_bytes(), 0o644)
+                .with_context(|| format!("write {}", path.display()))?;
+            println!("wrote {} ({} packages)", path.display(), lock.packages.len());
+            Ok(())
+        }),
+        Command::Inspect { file } => imager::inspect::inspect(&file),
+        Command::Profiles { dir } => profiles(&dir),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn profiles(dir: &Path) -> Result<()> {
+    let mut found = false;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    entries.sort();
+    for p in entries {
+        found = true;
+        match Profile::load(&p) {
+            Ok((prof, _)) => {
+                let lock = match Lock::load(&Lock::path_for(&p), &p, &prof.inputs_hash()) {
+                    Ok(l) => format!("locked ({} packages, {})", l.packages.len(), l.suite),
+                    Err(e) => format!("not buildable: {e}"),
+                };
+                println!("{:<8} {}\n         {lock}", prof.name, prof.description);
+            }
+            Err(e) => println!("{}: {e}", p.display()),
+        }
+    }
+    if !found {
+        bail!("no profiles (*.yaml) in {}", dir.display());
+    }
+    Ok(())
+}

@@ -213,10 +213,15 @@ mod tests {
     #[test]
     fn insert_creates_parents_and_rejects_escapes() {
         let mut t = Tree::new();
-        t.insert(Path::new("/usr/bin/etcd"), Entry::file(0o755, b"x".to_vec()))
-            .unwrap();
+        t.insert(
+            Path::new("/usr/bin/etcd"),
+            Entry::file(0o755, b"x".to_vec()),
+        )
+        .unwrap();
         assert!(matches!(t.get(Path::new("usr")), Some(Entry::Dir { .. })));
-        assert!(t.insert(Path::new("../etc/x"), Entry::Dir { mode: 0o755 }).is_err());
+        assert!(t
+            .insert(Path::new("../etc/x"), Entry::Dir { mode: 0o755 })
+            .is_err());
         assert!(t
             .insert(Path::new("usr/bin/etcd/x"), Entry::Dir { mode: 0o755 })
             .is_err());
@@ -225,8 +230,13 @@ mod tests {
     #[test]
     fn resolve_follows_usrmerge_links() {
         let mut t = Tree::new();
-        t.insert(Path::new("lib"), Entry::Symlink { target: "usr/lib".into() })
-            .unwrap();
+        t.insert(
+            Path::new("lib"),
+            Entry::Symlink {
+                target: "usr/lib".into(),
+            },
+        )
+        .unwrap();
         t.insert(
             Path::new("usr/lib/x86_64-linux-gnu/libc.so.6"),
             Entry::file(0o644, vec![]),

@@ -123,6 +123,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -158,8 +159,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
+            .map(|h| h.to_lowercase())
+            .filter(|h| h.parse::<machine_api::config::DnsName>().is_ok())
+            // An unset kernel hostname reads "(none)".
             .unwrap_or_else(|| "node".into())
-            .to_lowercase()
     });
     let supervisor = Supervisor::new(SupervisorPaths {
         state_dir: paths.services_dir(),

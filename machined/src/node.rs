@@ -339,12 +339,14 @@ impl Node {
                 )));
             }
             ApplyMode::Auto if reboot_required => {
+                self.store.drop_staged().map_err(internal)?;
                 self.store.save(&canonical).map_err(internal)?;
                 out.outcome = "rebooting";
                 out.message = format!("rebooting to apply {}", reboot_fields.join(", "));
                 self.send(Control::Reboot, Duration::from_millis(300));
             }
             ApplyMode::Try(timeout) => {
+                self.store.drop_staged().map_err(internal)?;
                 let t = TryState::new(timeout, boot_id());
                 self.store.save(&canonical).map_err(internal)?;
                 self.store.begin_try(&t).map_err(internal)?;
@@ -357,6 +359,7 @@ impl Node {
                 self.watch_try(t);
             }
             ApplyMode::Auto | ApplyMode::NoReboot => {
+                self.store.drop_staged().map_err(internal)?;
                 self.store.save(&canonical).map_err(internal)?;
                 self.apply_live(&old, new).await;
             }
@@ -505,6 +508,10 @@ impl Node {
                 "this node joins the etcd members in cluster.etcd.endpoints; bootstrap only the first etcd node".into(),
             ));
         }
+        // A missing binary now beats a marker that promises a start later.
+        self.role_context(&cfg)
+            .binary(etcd::SERVICE, "etcd")
+            .map_err(|e| NodeError::Precondition(e.to_string()))?;
         let marker = etcd::bootstrap_marker(&self.opts.paths);
         if marker.exists() {
             return Err(NodeError::Precondition(

@@ -271,7 +271,17 @@ pub async fn connect(target: &str, tls: Arc<ClientConfig>, timeout: Duration) ->
             }
         }))
         .await
-        .map_err(|e| anyhow!("cannot connect: {}", error_chain(&e)))?;
+        .map_err(|e| {
+            let chain = error_chain(&e);
+            let hint = if chain.contains("UnknownIssuer") {
+                ": the node's certificate is not from this osconfig's CA (another cluster?), or the node is in maintenance mode (use --insecure --cert-fingerprint)"
+            } else if chain.contains("fingerprint") || chain.contains("Connection refused") || chain.contains("timed out") {
+                ""
+            } else {
+                ": if the node refused the TLS handshake, check that the osconfig's client certificate comes from this cluster's OS CA and has not expired"
+            };
+            anyhow!("cannot connect: {chain}{hint}")
+        })?;
     Ok(channel)
 }
 

@@ -82,7 +82,12 @@ fn copy_with_links(image: &mut Tree, staging: &Tree, path: &Path) -> Result<(), 
         match staging.get(&here) {
             Some(Entry::Symlink { target }) => {
                 if image.get(&here).is_none() {
-                    image.insert(&here, Entry::Symlink { target: target.clone() })?;
+                    image.insert(
+                        &here,
+                        Entry::Symlink {
+                            target: target.clone(),
+                        },
+                    )?;
                 }
                 cur = if target.is_absolute() {
                     target.clone()
@@ -185,7 +190,10 @@ mod tests {
         // tree from the host's own libraries and check the closure.
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         let n = needs(&exe).unwrap();
-        assert!(n.libraries.iter().any(|l| l.starts_with("libc.so")), "{n:?}");
+        assert!(
+            n.libraries.iter().any(|l| l.starts_with("libc.so")),
+            "{n:?}"
+        );
         let mut staging = Tree::new();
         for lib in &n.libraries {
             let host = Path::new("/usr/lib/x86_64-linux-gnu").join(lib);
@@ -201,20 +209,31 @@ mod tests {
         staging
             .insert(
                 Path::new(&interp),
-                Entry::file(0o755, std::fs::read(std::fs::canonicalize(&interp).unwrap()).unwrap()),
+                Entry::file(
+                    0o755,
+                    std::fs::read(std::fs::canonicalize(&interp).unwrap()).unwrap(),
+                ),
             )
             .unwrap();
         let mut image = Tree::new();
-        image.insert(Path::new("usr/bin/app"), Entry::file(0o755, exe)).unwrap();
+        image
+            .insert(Path::new("usr/bin/app"), Entry::file(0o755, exe))
+            .unwrap();
         let added = close(&mut image, &staging).unwrap();
         assert!(added.iter().any(|l| l.starts_with("libc.so")), "{added:?}");
 
         // Without libc in staging, the error names binary, library and package.
         let mut image2 = Tree::new();
         image2
-            .insert(Path::new("usr/bin/app"), image.get(Path::new("usr/bin/app")).unwrap().clone())
+            .insert(
+                Path::new("usr/bin/app"),
+                image.get(Path::new("usr/bin/app")).unwrap().clone(),
+            )
             .unwrap();
         let err = close(&mut image2, &Tree::new()).unwrap_err().to_string();
-        assert!(err.contains("usr/bin/app needs libc.so.6") && err.contains("add libc6"), "{err}");
+        assert!(
+            err.contains("usr/bin/app needs libc.so.6") && err.contains("add libc6"),
+            "{err}"
+        );
     }
 }

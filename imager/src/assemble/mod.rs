@@ -72,33 +72,66 @@ pub fn kernel(staging: &Tree, profile: &Profile) -> Result<(String, Vec<u8>), As
 /// /lib and /lib64 point into /usr, as on a current Debian.
 pub fn base_layout(tree: &mut Tree, profile: &Profile, version: &str) -> Result<(), AssembleError> {
     for d in [
-        "dev", "proc", "sys", "run", "tmp", "var", "etc", "system", "usr/bin", "usr/sbin",
-        "usr/lib", "usr/lib64", "var/lib", "var/log", "etc/cni/net.d", "opt/cni/bin",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "var",
+        "etc",
+        "system",
+        "usr/bin",
+        "usr/sbin",
+        "usr/lib",
+        "usr/lib64",
+        "var/lib",
+        "var/log",
+        "etc/cni/net.d",
+        "opt/cni/bin",
     ] {
         tree.mkdir_all(Path::new(d))?;
     }
-    for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
         if tree.get(Path::new(link)).is_none() {
-            tree.insert(Path::new(link), Entry::Symlink { target: target.into() })?;
+            tree.insert(
+                Path::new(link),
+                Entry::Symlink {
+                    target: target.into(),
+                },
+            )?;
         }
     }
     let os_release = format!(
         "NAME=\"Kubernetes node OS\"\nID=knos\nVERSION_ID={version}\nPRETTY_NAME=\"Kubernetes node OS {version} ({})\"\nVARIANT_ID={}\n",
         profile.source.suite, profile.name
     );
-    tree.insert(Path::new("etc/os-release"), Entry::file(0o644, os_release.into_bytes()))?;
+    tree.insert(
+        Path::new("etc/os-release"),
+        Entry::file(0o644, os_release.into_bytes()),
+    )?;
     // init rewrites these at boot; they exist so the names resolve before.
     tree.insert(
         Path::new("etc/hosts"),
         Entry::file(0o644, b"127.0.0.1 localhost\n::1 localhost\n".to_vec()),
     )?;
     tree.insert(Path::new("etc/resolv.conf"), Entry::file(0o644, Vec::new()))?;
-    tree.insert(Path::new("etc/hostname"), Entry::file(0o644, b"node\n".to_vec()))?;
+    tree.insert(
+        Path::new("etc/hostname"),
+        Entry::file(0o644, b"node\n".to_vec()),
+    )?;
     tree.insert(
         Path::new("etc/passwd"),
         Entry::file(0o644, b"root:x:0:0:root:/:/usr/sbin/nologin\n".to_vec()),
     )?;
-    tree.insert(Path::new("etc/group"), Entry::file(0o644, b"root:x:0:\n".to_vec()))?;
+    tree.insert(
+        Path::new("etc/group"),
+        Entry::file(0o644, b"root:x:0:\n".to_vec()),
+    )?;
     tree.insert(
         Path::new("etc/nsswitch.conf"),
         Entry::file(0o644, b"hosts: files dns\n".to_vec()),
@@ -106,8 +139,25 @@ pub fn base_layout(tree: &mut Tree, profile: &Profile, version: &str) -> Result<
     Ok(())
 }
 
+/// The merged-/usr links (`lib64 -> usr/lib64`, ...) that base-files
+/// provides on an installed system; the ELF interpreter path goes through
+/// them.
+pub fn usrmerge_links(tree: &mut Tree) -> Result<(), AssembleError> {
+    for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+        if tree.get(Path::new(link)).is_none() {
+            tree.insert(Path::new(link), Entry::Symlink { target: target.into() })?;
+        }
+    }
+    Ok(())
+}
+
 /// Adds a file from the build host (our binaries).
-pub fn add_host_file(tree: &mut Tree, from: &Path, to: &str, mode: u32) -> Result<(), AssembleError> {
+pub fn add_host_file(
+    tree: &mut Tree,
+    from: &Path,
+    to: &str,
+    mode: u32,
+) -> Result<(), AssembleError> {
     let data = std::fs::read(from).map_err(|e| AssembleError::Read(from.to_owned(), e))?;
     tree.insert(Path::new(to), Entry::file(mode, data))?;
     Ok(())

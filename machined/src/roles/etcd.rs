@@ -244,8 +244,21 @@ impl EtcdPreStart {
                     self.peer_url, m.name
                 ))
             }
-            // Added by an earlier attempt (or started before and lost its
-            // data: then etcd itself refuses, and says so in its log).
+            // This node was a member before and lost its data (reset, new
+            // disk): the old member must go, or etcd would crash-loop on
+            // raft state it no longer has.
+            Some(m) if m.name == self.name => {
+                client
+                    .remove_member(m.id)
+                    .await
+                    .map_err(|e| format!("removing this node's stale member failed: {e}"))?;
+                let (_, all) = client
+                    .add_member(std::slice::from_ref(&self.peer_url))
+                    .await
+                    .map_err(|e| format!("member add failed: {e}"))?;
+                all
+            }
+            // Added by an earlier attempt that never started.
             Some(_) => members,
             None => {
                 let (_, all) = client

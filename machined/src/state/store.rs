@@ -185,6 +185,12 @@ impl ConfigStore {
         self.write(STAGED, text)
     }
 
+    /// Forgets a staged config: a newer live apply supersedes it, and it
+    /// must not come back at the next boot.
+    pub fn drop_staged(&self) -> Result<(), StoreError> {
+        self.remove(STAGED)
+    }
+
     pub fn staged_pending(&self) -> bool {
         self.path(STAGED).exists()
     }

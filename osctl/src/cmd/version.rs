@@ -27,7 +27,9 @@ pub struct Version {
 
 impl Version {
     pub async fn run(self) -> Result<ExitCode> {
-        println!("Client: osctl {}", env!("CARGO_PKG_VERSION"));
+        if self.connect.output == crate::client::Output::Table || self.client {
+            println!("Client: osctl {}", env!("CARGO_PKG_VERSION"));
+        }
         if self.client {
             return Ok(ExitCode::SUCCESS);
         }
