@@ -25,11 +25,18 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        Progress { start: Instant::now(), quiet }
+        Progress {
+            start: Instant::now(),
+            quiet,
+        }
     }
     pub fn step(&self, msg: impl AsRef<str>) {
         if !self.quiet {
-            eprintln!("[{:>6.2}s] {}", self.start.elapsed().as_secs_f64(), msg.as_ref());
+            eprintln!(
+                "[{:>6.2}s] {}",
+                self.start.elapsed().as_secs_f64(),
+                msg.as_ref()
+            );
         }
     }
 }
@@ -47,12 +54,24 @@ pub fn lock(profile_path: &Path, mirror_uri: Option<&str>, progress: &Progress) 
     let (profile, _) = Profile::load(profile_path)?;
     let m = mirror(mirror_uri)?;
     let cache = Cache::new(Cache::default_dir());
-    progress.step(format!("fetching and verifying InRelease of {}", profile.source.suite));
+    progress.step(format!(
+        "fetching and verifying InRelease of {}",
+        profile.source.suite
+    ));
     let release = source::fetch_release(&m, &profile.source.suite)?;
     let mut index = Vec::new();
     for c in &profile.source.components {
-        progress.step(format!("fetching {c}/binary-{} index", profile.source.architecture));
-        index.extend(source::fetch_index(&m, &release, c, &profile.source.architecture, &cache)?);
+        progress.step(format!(
+            "fetching {c}/binary-{} index",
+            profile.source.architecture
+        ));
+        index.extend(source::fetch_index(
+            &m,
+            &release,
+            c,
+            &profile.source.architecture,
+            &cache,
+        )?);
     }
     let recs = source::resolve(&index, &profile.packages, true, &profile.skip_depends)?;
     progress.step(format!("resolved {} packages", recs.len()));
@@ -243,7 +262,9 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     let epoch = opts
         .source_date_epoch
         .or_else(|| rfc2822_to_epoch(&lock.release_date))
-        .ok_or_else(|| anyhow!("no SOURCE_DATE_EPOCH and the lock's release date does not parse"))?;
+        .ok_or_else(|| {
+            anyhow!("no SOURCE_DATE_EPOCH and the lock's release date does not parse")
+        })?;
     std::fs::create_dir_all(&opts.output)
         .with_context(|| format!("create {}", opts.output.display()))?;
 
@@ -251,7 +272,10 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     let m = mirror(opts.mirror.as_deref())?;
     let cache = Cache::new(Cache::default_dir());
     let recs: Vec<PackageRecord> = lock.packages.iter().map(record).collect();
-    progress.step(format!("fetching {} packages (verified by sha256 from the lock)", recs.len()));
+    progress.step(format!(
+        "fetching {} packages (verified by sha256 from the lock)",
+        recs.len()
+    ));
     let debs = source::fetch_debs(&m, &recs, &cache, opts.jobs.max(4))
         .context("an input no longer matches the lock (run `imager lock` to update it)")?;
     progress.step("unpacking");
@@ -263,7 +287,12 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     let (kernel_version, kernel) = assemble::kernel(&staging, &profile)?;
     let mut image = assemble::filter(&staging, &profile)?;
     assemble::base_layout(&mut image, &profile, env!("CARGO_PKG_VERSION"))?;
-    let modules = modules::add_modules(&mut image, &staging, &kernel_version, &profile.kernel.modules)?;
+    let modules = modules::add_modules(
+        &mut image,
+        &staging,
+        &kernel_version,
+        &profile.kernel.modules,
+    )?;
     assemble::add_host_file(&mut image, &opts.machined, "usr/bin/machined", 0o755)
         .context("our machined binary (build it with `cargo build --release -p machined`, or pass --machined)")?;
     assemble::add_host_file(&mut image, &opts.init, "init", 0o755)
@@ -291,7 +320,9 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         outputs.push((p, "initramfs"));
     }
     if profile.outputs.contains(&OutputKind::Disk) {
-        let disk = write_disk(opts, &profile, &lock, &staging, &image, &kernel, epoch, progress)?;
+        let disk = write_disk(
+            opts, &profile, &lock, &staging, &image, &kernel, epoch, progress,
+        )?;
         outputs.push((disk.clone(), "disk"));
         if profile.outputs.contains(&OutputKind::Compressed) {
             progress.step("compressing the disk (zstd)");
@@ -314,7 +345,8 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             if ok {
                 outputs.push((q, "qcow2"));
             } else {
-                progress.step("qcow2 skipped: qemu-img is not installed (apt-get install qemu-utils)");
+                progress
+                    .step("qcow2 skipped: qemu-img is not installed (apt-get install qemu-utils)");
             }
         }
     }
@@ -323,7 +355,11 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     let mut out = Vec::new();
     for (p, kind) in &outputs {
         out.push(ManifestOutput {
-            path: p.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+            path: p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
             kind: (*kind).to_owned(),
             size: std::fs::metadata(p)?.len(),
             sha256: sha256_file(p)?,
@@ -349,8 +385,14 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             })
             .collect(),
         our_binaries: vec![
-            ManifestFile { path: "/usr/bin/machined".into(), sha256: sha256_file(&opts.machined)? },
-            ManifestFile { path: "/init".into(), sha256: sha256_file(&opts.init)? },
+            ManifestFile {
+                path: "/usr/bin/machined".into(),
+                sha256: sha256_file(&opts.machined)?,
+            },
+            ManifestFile {
+                path: "/init".into(),
+                sha256: sha256_file(&opts.init)?,
+            },
         ],
         kubernetes,
         kernel: ManifestKernel {
@@ -370,7 +412,11 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     Ok(manifest)
 }
 
-fn add_kubernetes(image: &mut Tree, profile: &Profile, dir: Option<&Path>) -> Result<ManifestKubernetes> {
+fn add_kubernetes(
+    image: &mut Tree,
+    profile: &Profile,
+    dir: Option<&Path>,
+) -> Result<ManifestKubernetes> {
     let Some(k) = &profile.kubernetes else {
         return Ok(ManifestKubernetes {
             present: false,
@@ -440,13 +486,23 @@ fn write_disk(
     let initrd = work.path().join("initrd");
     write_zstd_cpio(image, epoch, &initrd)?;
 
-    let sd_boot = ["usr/lib/systemd/boot/efi/systemd-bootx64.efi", "lib/systemd/boot/efi/systemd-bootx64.efi"]
-        .iter()
-        .find_map(|p| match staging.resolve(Path::new(p)).and_then(|r| staging.get(&r).cloned()) {
+    let sd_boot = [
+        "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+        "lib/systemd/boot/efi/systemd-bootx64.efi",
+    ]
+    .iter()
+    .find_map(|p| {
+        match staging
+            .resolve(Path::new(p))
+            .and_then(|r| staging.get(&r).cloned())
+        {
             Some(Entry::File { data, .. }) => Some(data),
             _ => None,
-        })
-        .ok_or_else(|| anyhow!("no systemd-bootx64.efi: add systemd-boot-efi to the profile's packages"))?;
+        }
+    })
+    .ok_or_else(|| {
+        anyhow!("no systemd-bootx64.efi: add systemd-boot-efi to the profile's packages")
+    })?;
     let entry = format!(
         "title Kubernetes node OS {} (slot A)\nversion {}\nlinux /A/vmlinuz\ninitrd /A/initrd\noptions {} slot=A\n",
         profile.name,
@@ -455,8 +511,14 @@ fn write_disk(
     );
     let files: Vec<(String, Vec<u8>)> = vec![
         ("EFI/BOOT/BOOTX64.EFI".into(), sd_boot.as_ref().clone()),
-        ("EFI/systemd/systemd-bootx64.efi".into(), sd_boot.as_ref().clone()),
-        ("loader/loader.conf".into(), b"timeout 0\ndefault slot-*\neditor no\n".to_vec()),
+        (
+            "EFI/systemd/systemd-bootx64.efi".into(),
+            sd_boot.as_ref().clone(),
+        ),
+        (
+            "loader/loader.conf".into(),
+            b"timeout 0\ndefault slot-*\neditor no\n".to_vec(),
+        ),
         // "+3": systemd-boot counts down tries; machined marks the entry
         // good (renames it) once the node is healthy.
         ("loader/entries/slot-a+3.conf".into(), entry.into_bytes()),
@@ -477,7 +539,14 @@ fn write_disk(
                 .try_into()
                 .unwrap_or([0; 4]),
         );
-        fat::write_esp(&files, profile.disk.esp_mib << 20, "ESP", seed, epoch, &mut f)?;
+        fat::write_esp(
+            &files,
+            profile.disk.esp_mib << 20,
+            "ESP",
+            seed,
+            epoch,
+            &mut f,
+        )?;
     }
     progress.step("writing the GPT disk image");
     let disk = opts.output.join(format!("{name}-disk.raw"));
@@ -488,11 +557,36 @@ fn write_disk(
         profile.disk.size_mib << 20,
         &seed,
         &[
-            PartitionSpec { name: "EFI".into(), type_guid: gpt_disk::ESP, size_bytes: profile.disk.esp_mib << 20, contents: Some(esp) },
-            PartitionSpec { name: "A".into(), type_guid: gpt_disk::LINUX_ROOT_X86_64, size_bytes: profile.disk.slot_mib << 20, contents: Some(root) },
-            PartitionSpec { name: "B".into(), type_guid: gpt_disk::LINUX_ROOT_X86_64, size_bytes: profile.disk.slot_mib << 20, contents: None },
-            PartitionSpec { name: "STATE".into(), type_guid: gpt_disk::LINUX_DATA, size_bytes: profile.disk.state_mib << 20, contents: None },
-            PartitionSpec { name: "EPHEMERAL".into(), type_guid: gpt_disk::LINUX_DATA, size_bytes: 0, contents: None },
+            PartitionSpec {
+                name: "EFI".into(),
+                type_guid: gpt_disk::ESP,
+                size_bytes: profile.disk.esp_mib << 20,
+                contents: Some(esp),
+            },
+            PartitionSpec {
+                name: "A".into(),
+                type_guid: gpt_disk::LINUX_ROOT_X86_64,
+                size_bytes: profile.disk.slot_mib << 20,
+                contents: Some(root),
+            },
+            PartitionSpec {
+                name: "B".into(),
+                type_guid: gpt_disk::LINUX_ROOT_X86_64,
+                size_bytes: profile.disk.slot_mib << 20,
+                contents: None,
+            },
+            PartitionSpec {
+                name: "STATE".into(),
+                type_guid: gpt_disk::LINUX_DATA,
+                size_bytes: profile.disk.state_mib << 20,
+                contents: None,
+            },
+            PartitionSpec {
+                name: "EPHEMERAL".into(),
+                type_guid: gpt_disk::LINUX_DATA,
+                size_bytes: 0,
+                contents: None,
+            },
         ],
     )?;
     Ok(disk)

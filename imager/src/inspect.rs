@@ -8,19 +8,37 @@ use anyhow::{Context, Result};
 use crate::format::{cpio, fat, gpt_disk};
 
 pub fn inspect(path: &Path) -> Result<()> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     if name.ends_with(".json") {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)
             .with_context(|| format!("{} is not JSON", path.display()))?;
-        println!("profile {} (source date {})", v["profile"]["name"], v["sourceDateEpoch"]);
+        println!(
+            "profile {} (source date {})",
+            v["profile"]["name"], v["sourceDateEpoch"]
+        );
         println!("inputs:");
         for i in v["inputs"].as_array().into_iter().flatten() {
-            println!("  {:<40} {:<28} {}", i["name"].as_str().unwrap_or(""), i["version"].as_str().unwrap_or(""), &i["sha256"].as_str().unwrap_or("")[..16.min(i["sha256"].as_str().unwrap_or("").len())]);
+            println!(
+                "  {:<40} {:<28} {}",
+                i["name"].as_str().unwrap_or(""),
+                i["version"].as_str().unwrap_or(""),
+                &i["sha256"].as_str().unwrap_or("")
+                    [..16.min(i["sha256"].as_str().unwrap_or("").len())]
+            );
         }
         println!("kubernetes: {}", v["kubernetes"]["note"]);
         println!("outputs:");
         for o in v["outputs"].as_array().into_iter().flatten() {
-            println!("  {:<10} {:>12} {}", o["kind"].as_str().unwrap_or(""), o["size"], o["path"].as_str().unwrap_or(""));
+            println!(
+                "  {:<10} {:>12} {}",
+                o["kind"].as_str().unwrap_or(""),
+                o["size"],
+                o["path"].as_str().unwrap_or("")
+            );
         }
         return Ok(());
     }
@@ -34,10 +52,24 @@ pub fn inspect(path: &Path) -> Result<()> {
     } else if head[..6] == *b"070701" {
         std::fs::read(path)?
     } else {
-        let parts = gpt_disk::list(path).with_context(|| format!("{}: not a cpio, zstd cpio, GPT disk or manifest", path.display()))?;
-        println!("{:<10} {:>12} {:>12} {:>10}", "PARTITION", "FIRST LBA", "LAST LBA", "SIZE MiB");
+        let parts = gpt_disk::list(path).with_context(|| {
+            format!(
+                "{}: not a cpio, zstd cpio, GPT disk or manifest",
+                path.display()
+            )
+        })?;
+        println!(
+            "{:<10} {:>12} {:>12} {:>10}",
+            "PARTITION", "FIRST LBA", "LAST LBA", "SIZE MiB"
+        );
         for p in &parts {
-            println!("{:<10} {:>12} {:>12} {:>10}", p.name, p.first_lba, p.last_lba, (p.last_lba - p.first_lba + 1) * 512 / 1048576);
+            println!(
+                "{:<10} {:>12} {:>12} {:>10}",
+                p.name,
+                p.first_lba,
+                p.last_lba,
+                (p.last_lba - p.first_lba + 1) * 512 / 1048576
+            );
         }
         if let Some(esp) = parts.iter().find(|p| p.name == "EFI") {
             let mut f = std::fs::File::open(path)?;

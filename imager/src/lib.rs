@@ -1,8 +1,8 @@
 pub mod assemble;
+pub mod build;
+pub mod format;
+pub mod inspect;
 pub mod lock;
 pub mod profile;
-pub mod tree;
 pub mod source;
-pub mod format;
-pub mod build;
-pub mod inspect;
+pub mod tree;

@@ -10,7 +10,11 @@ use imager::lock::Lock;
 use imager::profile::Profile;
 
 #[derive(Debug, Parser)]
-#[command(name = "imager", version, about = "Build bootable node images from a profile and verified distribution packages")]
+#[command(
+    name = "imager",
+    version,
+    about = "Build bootable node images from a profile and verified distribution packages"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,7 +78,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let progress = Progress::new(cli.quiet);
     let r = match cli.command {
-        Command::Build { profile, output, mirror, machined, init, kubernetes_dir, source_date_epoch, jobs } => {
+        Command::Build {
+            profile,
+            output,
+            mirror,
+            machined,
+            init,
+            kubernetes_dir,
+            source_date_epoch,
+            jobs,
+        } => {
             let opts = BuildOptions {
                 profile,
                 output,
@@ -87,20 +100,31 @@ fn main() -> ExitCode {
             };
             build::build(&opts, &progress).map(|m| {
                 for o in &m.outputs {
-                    println!("{:<10} {:>12}  {}  {}", o.kind, o.size, &o.sha256[..16], opts.output.join(&o.path).display());
+                    println!(
+                        "{:<10} {:>12}  {}  {}",
+                        o.kind,
+                        o.size,
+                        &o.sha256[..16],
+                        opts.output.join(&o.path).display()
+                    );
                 }
                 if !m.kubernetes.present {
                     println!("note: {}", m.kubernetes.note);
                 }
             })
         }
-        Command::Lock { profile, mirror } => build::lock(&profile, mirror.as_deref(), &progress).and_then(|lock| {
-            let path = Lock::path_for(&profile);
-            machine_api::atomic::write_atomic(&path, lock.to_yaml().as_bytes(), 0o644)
-                .with_context(|| format!("write {}", path.display()))?;
-            println!("wrote {} ({} packages)", path.display(), lock.packages.len());
-            Ok(())
-        }),
+        Command::Lock { profile, mirror } => build::lock(&profile, mirror.as_deref(), &progress)
+            .and_then(|lock| {
+                let path = Lock::path_for(&profile);
+                machine_api::atomic::write_atomic(&path, lock.to_yaml().as_bytes(), 0o644)
+                    .with_context(|| format!("write {}", path.display()))?;
+                println!(
+                    "wrote {} ({} packages)",
+                    path.display(),
+                    lock.packages.len()
+                );
+                Ok(())
+            }),
         Command::Inspect { file } => imager::inspect::inspect(&file),
         Command::Profiles { dir } => profiles(&dir),
     };

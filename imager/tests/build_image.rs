@@ -18,7 +18,10 @@ fn root() -> PathBuf {
 }
 
 fn imager(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_imager")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imager"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
@@ -26,7 +29,11 @@ fn imager(args: &[&str]) -> (bool, String) {
 }
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// machined and init, built by the workspace build that precedes the tests.
@@ -34,7 +41,11 @@ fn our_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run `cargo build --workspace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` first",
+        p.display()
+    );
     p
 }
 
@@ -67,11 +78,20 @@ fn built() -> Option<&'static (PathBuf, tempfile::TempDir)> {
             }
             let out_dir = tmp.path().join("out");
             let (ok, out) = imager(&[
-                "build", profile.to_str().unwrap(), "-o", out_dir.to_str().unwrap(),
-                "--machined", our_bin("machined").to_str().unwrap(),
-                "--init", our_bin("init").to_str().unwrap(),
+                "build",
+                profile.to_str().unwrap(),
+                "-o",
+                out_dir.to_str().unwrap(),
+                "--machined",
+                our_bin("machined").to_str().unwrap(),
+                "--init",
+                our_bin("init").to_str().unwrap(),
             ]);
-            if !ok && (out.contains("cannot fetch") || out.contains("resolve") || out.contains("connect")) {
+            if !ok
+                && (out.contains("cannot fetch")
+                    || out.contains("resolve")
+                    || out.contains("connect"))
+            {
                 eprintln!("SKIPPED: the package mirror is unreachable: {out}");
                 return None;
             }
@@ -83,7 +103,8 @@ fn built() -> Option<&'static (PathBuf, tempfile::TempDir)> {
 
 fn initramfs_reads_back_with_cpio() {
     let Some((out, _)) = built() else { return };
-    let data = zstd::decode_all(std::fs::File::open(out.join("qemu-initramfs.cpio.zst")).unwrap()).unwrap();
+    let data = zstd::decode_all(std::fs::File::open(out.join("qemu-initramfs.cpio.zst")).unwrap())
+        .unwrap();
     let mut child = Command::new("cpio")
         .args(["-it", "--quiet"])
         .stdin(std::process::Stdio::piped())
@@ -95,32 +116,75 @@ fn initramfs_reads_back_with_cpio() {
         child.stdin.take().unwrap().write_all(&data).unwrap();
     }
     let list = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
-    for want in ["init", "usr/bin/machined", "usr/bin/etcd", "usr/bin/containerd", "etc/modules-load.list", "etc/os-release"] {
-        assert!(list.lines().any(|l| l == want), "{want} missing from the initramfs");
+    for want in [
+        "init",
+        "usr/bin/machined",
+        "usr/bin/etcd",
+        "usr/bin/containerd",
+        "etc/modules-load.list",
+        "etc/os-release",
+    ] {
+        assert!(
+            list.lines().any(|l| l == want),
+            "{want} missing from the initramfs"
+        );
     }
     assert!(list.lines().any(|l| l.ends_with("runc")), "runc missing");
-    assert!(list.lines().any(|l| l.contains("libseccomp.so.2")), "libseccomp missing (ELF closure)");
-    assert!(!list.lines().any(|l| l.starts_with("usr/share/doc")), "docs were not filtered");
+    assert!(
+        list.lines().any(|l| l.contains("libseccomp.so.2")),
+        "libseccomp missing (ELF closure)"
+    );
+    assert!(
+        !list.lines().any(|l| l.starts_with("usr/share/doc")),
+        "docs were not filtered"
+    );
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["kubernetes"]["present"], false);
-    assert!(manifest["kubernetes"]["note"].as_str().unwrap().contains("ABSENT"));
-    assert!(manifest["inputs"].as_array().unwrap().iter().any(|i| i["name"] == "etcd-server"));
+    assert!(manifest["kubernetes"]["note"]
+        .as_str()
+        .unwrap()
+        .contains("ABSENT"));
+    assert!(manifest["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["name"] == "etcd-server"));
 }
 
 fn disk_reads_back_with_sgdisk_mtools_and_unsquashfs() {
     let Some((out, tmp)) = built() else { return };
     let disk = out.join("qemu-disk.raw");
-    let p = Command::new("sgdisk").arg("-p").arg(&disk).output().expect("gdisk installed");
+    let p = Command::new("sgdisk")
+        .arg("-p")
+        .arg(&disk)
+        .output()
+        .expect("gdisk installed");
     let text = String::from_utf8_lossy(&p.stdout);
     for name in ["EFI", "A", "B", "STATE", "EPHEMERAL"] {
-        assert!(text.lines().any(|l| l.split_whitespace().last() == Some(name)), "{name}:\n{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().last() == Some(name)),
+            "{name}:\n{text}"
+        );
     }
-    let v = Command::new("sgdisk").arg("-v").arg(&disk).output().unwrap();
-    assert!(String::from_utf8_lossy(&v.stdout).contains("No problems found"), "{}", String::from_utf8_lossy(&v.stdout));
+    let v = Command::new("sgdisk")
+        .arg("-v")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("No problems found"),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
     // Partition offsets from `imager inspect`-equivalent parsing of sgdisk -i.
     let start = |n: u32| -> u64 {
-        let o = Command::new("sgdisk").arg(format!("-i{n}")).arg(&disk).output().unwrap();
+        let o = Command::new("sgdisk")
+            .arg(format!("-i{n}"))
+            .arg(&disk)
+            .output()
+            .unwrap();
         let t = String::from_utf8_lossy(&o.stdout).into_owned();
         t.lines()
             .find(|l| l.starts_with("First sector:"))
@@ -131,19 +195,35 @@ fn disk_reads_back_with_sgdisk_mtools_and_unsquashfs() {
             * 512
     };
     let esp = format!("{}@@{}", disk.display(), start(1));
-    let m = Command::new("mdir").args(["-i", &esp, "-/", "::"]).output().expect("mtools installed");
+    let m = Command::new("mdir")
+        .args(["-i", &esp, "-/", "::"])
+        .output()
+        .expect("mtools installed");
     let listing = String::from_utf8_lossy(&m.stdout);
-    assert!(listing.contains("BOOTX64") && listing.contains("vmlinuz"), "{listing}");
-    let entry = Command::new("mtype").args(["-i", &esp, "::/loader/entries/slot-a+3.conf"]).output().unwrap();
+    assert!(
+        listing.contains("BOOTX64") && listing.contains("vmlinuz"),
+        "{listing}"
+    );
+    let entry = Command::new("mtype")
+        .args(["-i", &esp, "::/loader/entries/slot-a+3.conf"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&entry.stdout).contains("linux /A/vmlinuz"));
     // Slot A holds the squashfs root.
     let bytes = std::fs::read(&disk).unwrap();
     let a = start(2) as usize;
     let sq = tmp.path().join("a.squashfs");
     std::fs::write(&sq, &bytes[a..a + (512 << 20)]).unwrap();
-    let l = Command::new("unsquashfs").args(["-l", "-d", "r"]).arg(&sq).output().expect("squashfs-tools installed");
+    let l = Command::new("unsquashfs")
+        .args(["-l", "-d", "r"])
+        .arg(&sq)
+        .output()
+        .expect("squashfs-tools installed");
     let files = String::from_utf8_lossy(&l.stdout);
-    assert!(files.contains("r/usr/bin/machined") && files.contains("r/usr/bin/etcd"), "{files}");
+    assert!(
+        files.contains("r/usr/bin/machined") && files.contains("r/usr/bin/etcd"),
+        "{files}"
+    );
 }
 
 fn same_profile_and_lock_build_byte_identical_outputs() {
@@ -151,12 +231,22 @@ fn same_profile_and_lock_build_byte_identical_outputs() {
     let profile = tmp.path().join("qemu.yaml");
     let again = tmp.path().join("again");
     let (ok, text) = imager(&[
-        "build", profile.to_str().unwrap(), "-o", again.to_str().unwrap(),
-        "--machined", our_bin("machined").to_str().unwrap(),
-        "--init", our_bin("init").to_str().unwrap(),
+        "build",
+        profile.to_str().unwrap(),
+        "-o",
+        again.to_str().unwrap(),
+        "--machined",
+        our_bin("machined").to_str().unwrap(),
+        "--init",
+        our_bin("init").to_str().unwrap(),
     ]);
     assert!(ok, "{text}");
-    for f in ["qemu-initramfs.cpio.zst", "qemu-disk.raw", "qemu-vmlinuz", "manifest.json"] {
+    for f in [
+        "qemu-initramfs.cpio.zst",
+        "qemu-disk.raw",
+        "qemu-vmlinuz",
+        "manifest.json",
+    ] {
         let a = std::fs::read(out.join(f)).unwrap();
         let b = std::fs::read(again.join(f)).unwrap();
         assert!(a == b, "{f} differs between two builds");
@@ -172,18 +262,35 @@ fn a_lock_that_no_longer_matches_is_refused() {
     // Corrupt the recorded sha256 of runc.
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
     let i = lines.iter().position(|l| l.contains("name: runc")).unwrap();
-    let j = (i..lines.len()).find(|&k| lines[k].trim_start().starts_with("sha256:")).unwrap();
+    let j = (i..lines.len())
+        .find(|&k| lines[k].trim_start().starts_with("sha256:"))
+        .unwrap();
     let (key, value) = lines[j].split_once(':').unwrap();
     lines[j] = format!("{key}: {}", "0".repeat(value.trim().len()));
     std::fs::write(&lock, lines.join("\n")).unwrap();
-    let (ok, out) = imager(&["build", profile.to_str().unwrap(), "-o", tmp.path().join("o").to_str().unwrap(),
-        "--machined", our_bin("machined").to_str().unwrap(), "--init", our_bin("init").to_str().unwrap()]);
+    let (ok, out) = imager(&[
+        "build",
+        profile.to_str().unwrap(),
+        "-o",
+        tmp.path().join("o").to_str().unwrap(),
+        "--machined",
+        our_bin("machined").to_str().unwrap(),
+        "--init",
+        our_bin("init").to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(out.contains("runc") && out.contains("imager lock"), "{out}");
 
     // A profile changed since its lock is refused as stale.
-    let stale = scratch_profile(tmp.path(), "stale", |t| t.replace("  - runc\n", "  - runc\n  - iproute2\n"));
-    let (ok, out) = imager(&["build", stale.to_str().unwrap(), "-o", tmp.path().join("s").to_str().unwrap()]);
+    let stale = scratch_profile(tmp.path(), "stale", |t| {
+        t.replace("  - runc\n", "  - runc\n  - iproute2\n")
+    });
+    let (ok, out) = imager(&[
+        "build",
+        stale.to_str().unwrap(),
+        "-o",
+        tmp.path().join("s").to_str().unwrap(),
+    ]);
     assert!(!ok && out.contains("stale"), "{out}");
 }
 
@@ -191,7 +298,8 @@ fn a_lock_that_no_longer_matches_is_refused() {
 fn a_missing_library_fails_naming_binary_library_and_package() {
     let tmp = tempfile::tempdir().unwrap();
     let profile = scratch_profile(tmp.path(), "nolib", |t| {
-        t.replace("  - libseccomp2\n", "").replace("skipDepends:\n", "skipDepends:\n  - libseccomp2\n")
+        t.replace("  - libseccomp2\n", "")
+            .replace("skipDepends:\n", "skipDepends:\n  - libseccomp2\n")
     });
     let _ = std::fs::remove_file(profile.with_extension("lock"));
     let (ok, out) = imager(&["lock", profile.to_str().unwrap()]);
@@ -199,10 +307,21 @@ fn a_missing_library_fails_naming_binary_library_and_package() {
         eprintln!("SKIPPED: cannot lock against the mirror: {out}");
         return;
     }
-    let (ok, out) = imager(&["build", profile.to_str().unwrap(), "-o", tmp.path().join("o").to_str().unwrap(),
-        "--machined", our_bin("machined").to_str().unwrap(), "--init", our_bin("init").to_str().unwrap()]);
+    let (ok, out) = imager(&[
+        "build",
+        profile.to_str().unwrap(),
+        "-o",
+        tmp.path().join("o").to_str().unwrap(),
+        "--machined",
+        our_bin("machined").to_str().unwrap(),
+        "--init",
+        our_bin("init").to_str().unwrap(),
+    ]);
     assert!(!ok);
-    assert!(out.contains("runc needs libseccomp.so.2") && out.contains("add libseccomp2"), "{out}");
+    assert!(
+        out.contains("runc needs libseccomp.so.2") && out.contains("add libseccomp2"),
+        "{out}"
+    );
 }
 
 /// Boots kernel + initramfs under QEMU (TCG) until our init runs.
@@ -210,23 +329,49 @@ fn kernel_and_initramfs_boot_to_our_init_under_qemu() {
     let Some((out, tmp)) = built() else { return };
     if !have("qemu-system-x86_64") {
         eprintln!("SKIPPED: qemu-system-x86 is not installed");
-        assert!(std::env::var_os("CI").is_none(), "CI must install qemu-system-x86");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install qemu-system-x86"
+        );
         return;
     }
     let serial = tmp.path().join("serial-direct.log");
     let start = Instant::now();
     let status = Command::new("timeout")
-        .args(["180", "qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot",
-            "-serial", &format!("file:{}", serial.display()), "-monitor", "none", "-display", "none",
-            "-kernel", out.join("qemu-vmlinuz").to_str().unwrap(),
-            "-initrd", out.join("qemu-initramfs.cpio.zst").to_str().unwrap(),
-            "-append", "console=ttyS0 panic=-1 init.test=poweroff"])
+        .args([
+            "180",
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+            "1024",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            &format!("file:{}", serial.display()),
+            "-monitor",
+            "none",
+            "-display",
+            "none",
+            "-kernel",
+            out.join("qemu-vmlinuz").to_str().unwrap(),
+            "-initrd",
+            out.join("qemu-initramfs.cpio.zst").to_str().unwrap(),
+            "-append",
+            "console=ttyS0 panic=-1 init.test=poweroff",
+        ])
         .status()
         .unwrap();
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    assert!(log.contains("init started"), "our init did not run ({status}):\n{log}");
+    assert!(
+        log.contains("init started"),
+        "our init did not run ({status}):\n{log}"
+    );
     assert!(log.contains("boot test: init reached"), "{log}");
-    eprintln!("direct boot: init reached, QEMU exited after {:.1}s wall", start.elapsed().as_secs_f64());
+    eprintln!(
+        "direct boot: init reached, QEMU exited after {:.1}s wall",
+        start.elapsed().as_secs_f64()
+    );
 }
 
 /// Boots the raw disk through OVMF and systemd-boot until our init runs.
@@ -235,7 +380,10 @@ fn disk_image_boots_through_ovmf_and_systemd_boot() {
     let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
     if !have("qemu-system-x86_64") || !code.exists() {
         eprintln!("SKIPPED: qemu-system-x86 and ovmf are not installed");
-        assert!(std::env::var_os("CI").is_none(), "CI must install qemu-system-x86 and ovmf");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install qemu-system-x86 and ovmf"
+        );
         return;
     }
     let vars = tmp.path().join("vars.fd");
@@ -244,11 +392,29 @@ fn disk_image_boots_through_ovmf_and_systemd_boot() {
     std::fs::copy(out.join("qemu-disk.raw"), &disk).unwrap();
     let serial = tmp.path().join("serial-disk.log");
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "1024", "-nographic", "-no-reboot", "-monitor", "none", "-display", "none",
-            "-serial", &format!("file:{}", serial.display())])
-        .arg("-drive").arg(format!("if=pflash,format=raw,readonly=on,file={}", code.display()))
-        .arg("-drive").arg(format!("if=pflash,format=raw,file={}", vars.display()))
-        .arg("-drive").arg(format!("if=virtio,format=raw,file={}", disk.display()))
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "1024",
+            "-nographic",
+            "-no-reboot",
+            "-monitor",
+            "none",
+            "-display",
+            "none",
+            "-serial",
+            &format!("file:{}", serial.display()),
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,readonly=on,file={}",
+            code.display()
+        ))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .arg("-drive")
+        .arg(format!("if=virtio,format=raw,file={}", disk.display()))
         .spawn()
         .unwrap();
     let start = Instant::now();
@@ -262,8 +428,14 @@ fn disk_image_boots_through_ovmf_and_systemd_boot() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(log.contains("init started"), "our init did not run from the disk:\n{log}");
-    eprintln!("disk boot: init reached after {:.1}s wall", start.elapsed().as_secs_f64());
+    assert!(
+        log.contains("init started"),
+        "our init did not run from the disk:\n{log}"
+    );
+    eprintln!(
+        "disk boot: init reached after {:.1}s wall",
+        start.elapsed().as_secs_f64()
+    );
 }
 
 /// One build, every check: nextest runs each test in its own process, so

@@ -75,6 +75,37 @@ fn dry_run_no_reboot_staged_and_reboot() {
             .contains("swappiness")
     });
     files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
+
+    // A live apply after a staged one wins: the stale staged config must
+    // not come back at the next reboot.
+    let staged = files.node_config(
+        "staged2.yaml",
+        "n1",
+        "{machine: {sysctls: {vm.swappiness: 5}}}",
+    );
+    files
+        .osctl(
+            &[ip],
+            &[
+                "apply-config",
+                "-f",
+                staged.to_str().unwrap(),
+                "--mode",
+                "staged",
+            ],
+        )
+        .expect_ok();
+    files
+        .osctl(&[ip], &["apply-config", "-f", q, "--mode", "auto"])
+        .expect_ok();
+    files.osctl(&[ip], &["reboot"]).expect_ok();
+    std::thread::sleep(Duration::from_secs(2));
+    files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
+    let c = running_config(&files, ip);
+    assert!(
+        !c.contains("vm.swappiness: '5'"),
+        "the superseded staged config came back:\n{c}"
+    );
 }
 
 #[test]

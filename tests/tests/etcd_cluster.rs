@@ -91,4 +91,30 @@ fn three_nodes_form_an_etcd_cluster_and_survive_losing_one() {
             .trim()
             == "v2"
     });
+
+    // A member that lost its data (reset without --graceful) rejoins: its
+    // stale member entry is replaced instead of crash-looping etcd.
+    files.osctl(&[ips[1]], &["reset"]).expect_ok();
+    wait_until(Duration::from_secs(20), "n1 back in maintenance", || {
+        nodes[1]
+            .log_text()
+            .matches("state:       maintenance")
+            .count()
+            >= 2
+    });
+    let cfg = files.path("n1.yaml");
+    nodes[1].apply_insecure(&cfg).expect_ok();
+    files
+        .osctl(&[ips[1]], &["health", "--wait", "90"])
+        .expect_ok();
+    let m = files.osctl(&[ips[0]], &["etcd", "members"]).expect_ok();
+    assert_eq!(m.stdout.lines().count(), 4, "{}", m.text());
+    assert_eq!(
+        nodes[1]
+            .etcdctl(&["get", "k", "--print-value-only"])
+            .expect_ok()
+            .stdout
+            .trim(),
+        "v2"
+    );
 }

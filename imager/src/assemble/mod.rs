@@ -143,9 +143,19 @@ pub fn base_layout(tree: &mut Tree, profile: &Profile, version: &str) -> Result<
 /// provides on an installed system; the ELF interpreter path goes through
 /// them.
 pub fn usrmerge_links(tree: &mut Tree) -> Result<(), AssembleError> {
-    for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
         if tree.get(Path::new(link)).is_none() {
-            tree.insert(Path::new(link), Entry::Symlink { target: target.into() })?;
+            tree.insert(
+                Path::new(link),
+                Entry::Symlink {
+                    target: target.into(),
+                },
+            )?;
         }
     }
     Ok(())

@@ -43,8 +43,7 @@ fn module_bytes(data: &[u8], path: &str) -> Result<Vec<u8>, String> {
     let r = if path.ends_with(".xz") {
         liblzma::read::XzDecoder::new(data).read_to_end(&mut out)
     } else if path.ends_with(".zst") {
-        zstd::stream::read::Decoder::new(data)
-            .and_then(|mut d| d.read_to_end(&mut out))
+        zstd::stream::read::Decoder::new(data).and_then(|mut d| d.read_to_end(&mut out))
     } else if path.ends_with(".gz") {
         flate2::read::GzDecoder::new(data).read_to_end(&mut out)
     } else {
@@ -97,7 +96,9 @@ pub fn add_modules(
         return Ok(Vec::new());
     }
     let dir = module_dir(staging, version).ok_or_else(|| {
-        AssembleError::Modules(format!("kernel {version}: no module directory in the kernel package"))
+        AssembleError::Modules(format!(
+            "kernel {version}: no module directory in the kernel package"
+        ))
     })?;
     let text = |name: &str| -> String {
         match staging.get(&dir.join(name)) {
@@ -158,7 +159,9 @@ pub fn add_modules(
         }
         table.insert(
             rel.clone(),
-            deps.iter().filter_map(|d| by_name.get(d).cloned()).collect(),
+            deps.iter()
+                .filter_map(|d| by_name.get(d).cloned())
+                .collect(),
         );
         order.push(rel.clone());
         Ok(())
@@ -201,7 +204,11 @@ pub fn add_modules(
         .into_iter()
         .map(|(m, d)| (plain(&m), d.iter().map(|x| plain(x)).collect()))
         .collect();
-    for name in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+    for name in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
         if let Some(e) = staging.get(&dir.join(name)) {
             image.insert(&dir.join(name), e.clone())?;
         }
@@ -210,9 +217,18 @@ pub fn add_modules(
         .iter()
         .map(|(m, d)| format!("{m}: {}\n", d.join(" ")))
         .collect();
-    image.insert(&dir.join("modules.dep"), Entry::file(0o644, dep_text.into_bytes()))?;
-    let list: String = order.iter().map(|m| format!("{}\n", dir.join(m).display())).collect();
-    image.insert(Path::new("etc/modules-load.list"), Entry::file(0o644, list.into_bytes()))?;
+    image.insert(
+        &dir.join("modules.dep"),
+        Entry::file(0o644, dep_text.into_bytes()),
+    )?;
+    let list: String = order
+        .iter()
+        .map(|m| format!("{}\n", dir.join(m).display()))
+        .collect();
+    image.insert(
+        Path::new("etc/modules-load.list"),
+        Entry::file(0o644, list.into_bytes()),
+    )?;
     Ok(order)
 }
 
@@ -222,7 +238,10 @@ mod tests {
 
     #[test]
     fn names_and_dep_lines() {
-        assert_eq!(module_name("kernel/net/bridge/br_netfilter.ko.xz"), "br_netfilter");
+        assert_eq!(
+            module_name("kernel/net/bridge/br_netfilter.ko.xz"),
+            "br_netfilter"
+        );
         assert_eq!(module_name("kernel/x/nf-conntrack.ko"), "nf_conntrack");
         let d = parse_dep("a.ko: b.ko c.ko\nb.ko:\n");
         assert_eq!(d["a.ko"], vec!["b.ko", "c.ko"]);
@@ -233,9 +252,16 @@ mod tests {
         // Any module of the running kernel's tree will do; skip when none.
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let dir = Path::new("/lib/modules").join(release.trim());
-        let Some(ko) = std::fs::read_dir(dir.join("kernel/net/bridge")).ok().and_then(|mut r| {
-            r.find_map(|e| e.ok().map(|e| e.path()).filter(|p| p.to_string_lossy().contains("br_netfilter")))
-        }) else {
+        let Some(ko) = std::fs::read_dir(dir.join("kernel/net/bridge"))
+            .ok()
+            .and_then(|mut r| {
+                r.find_map(|e| {
+                    e.ok()
+                        .map(|e| e.path())
+                        .filter(|p| p.to_string_lossy().contains("br_netfilter"))
+                })
+            })
+        else {
             eprintln!("SKIPPED: no br_netfilter module on this host");
             return;
         };

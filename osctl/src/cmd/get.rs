@@ -39,7 +39,9 @@ impl Get {
         let s = Session::mutual(&self.connect)?;
         let res = s
             .call(|ch| async move {
-                let r = rpc(MachineServiceClient::new(ch).get_configuration(Empty {}).await)?;
+                let r = rpc(MachineServiceClient::new(ch)
+                    .get_configuration(Empty {})
+                    .await)?;
                 let text = String::from_utf8_lossy(&r.data).into_owned();
                 Ok(ConfigView {
                     config: serde_norway::from_str(&text)?,
@@ -55,7 +57,9 @@ impl Get {
                 out.push(vec!["# a staged config waits for the next reboot".into()]);
             }
             if r.try_deadline_unix_ms > 0 {
-                out.push(vec!["# this config is on trial: `osctl confirm` keeps it".into()]);
+                out.push(vec![
+                    "# this config is on trial: `osctl confirm` keeps it".into()
+                ]);
             }
             out
         }))
