@@ -16,27 +16,52 @@ use crate::profile::{OutputKind, Profile};
 use crate::source::{self, Cache, Mirror, PackageRecord};
 use crate::tree::{Entry, Tree};
 
-/// Prints steps: plain lines, so logs and terminals read the same.
+/// Reports steps: a spinner with the current step on a terminal, plain
+/// timestamped lines otherwise (CI logs, pipes).
 #[derive(Debug)]
 pub struct Progress {
     start: Instant,
     quiet: bool,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
+        let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(std::time::Duration::from_millis(100));
+            b
+        });
         Progress {
             start: Instant::now(),
             quiet,
+            bar,
         }
     }
+
     pub fn step(&self, msg: impl AsRef<str>) {
-        if !self.quiet {
-            eprintln!(
-                "[{:>6.2}s] {}",
-                self.start.elapsed().as_secs_f64(),
-                msg.as_ref()
-            );
+        if self.quiet {
+            return;
+        }
+        let line = format!(
+            "[{:>6.2}s] {}",
+            self.start.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
+        match &self.bar {
+            Some(b) => {
+                b.println(&line);
+                b.set_message(msg.as_ref().to_owned());
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
         }
     }
 }
@@ -104,6 +129,9 @@ pub struct BuildOptions {
     pub machined: PathBuf,
     pub init: PathBuf,
     pub kubernetes_dir: Option<PathBuf>,
+    /// `kubernetes-server-linux-amd64.tar.gz` as a file or URL, verified by
+    /// the profile's `serverTarballSha512`.
+    pub kubernetes_tarball: Option<String>,
     pub source_date_epoch: Option<u64>,
     pub jobs: usize,
 }
@@ -173,10 +201,57 @@ pub struct ManifestOutput {
     pub sha256: String,
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// Feeds a file that may be sparse to `sink`: holes (found with SEEK_DATA /
+/// SEEK_HOLE) are fed as zeros without being read, which on some
+/// filesystems costs more than the hashing or compressing itself.
+fn read_sparse(path: &Path, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    use nix::unistd::{lseek, Whence};
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsFd;
     let mut f = std::fs::File::open(path).with_context(|| format!("read {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        // Start of the next data region (ENXIO: only a hole remains).
+        let data = match lseek(f.as_fd(), pos as i64, Whence::SeekData) {
+            Ok(d) => (d as u64).min(len),
+            Err(nix::errno::Errno::ENXIO) => len,
+            Err(_) => pos, // no SEEK_DATA here: read everything
+        };
+        let mut hole = data - pos;
+        while hole > 0 {
+            let n = hole.min(zeros.len() as u64) as usize;
+            sink(&zeros[..n])?;
+            hole -= n as u64;
+        }
+        if data >= len {
+            break;
+        }
+        let end = match lseek(f.as_fd(), data as i64, Whence::SeekHole) {
+            Ok(e) => (e as u64).min(len),
+            Err(_) => len,
+        };
+        f.seek(SeekFrom::Start(data))?;
+        let mut left = end - data;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact(&mut buf[..n])?;
+            sink(&buf[..n])?;
+            left -= n as u64;
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
+    read_sparse(path, |b| {
+        h.update(b);
+        Ok(())
+    })?;
     Ok(hex::encode(h.finalize()))
 }
 
@@ -197,17 +272,28 @@ fn record(p: &LockedPackage) -> PackageRecord {
 
 /// Unpacks every .deb (in parallel), then merges the trees in lock order so
 /// a file shipped twice resolves the same way every build.
-fn unpack_all(debs: &[PathBuf], jobs: usize) -> Result<Tree> {
+fn unpack_all(debs: &[PathBuf], shas: &[String], cache_dir: &Path, jobs: usize) -> Result<Tree> {
     let jobs = jobs.max(1);
-    let chunks: Vec<Vec<(usize, PathBuf)>> = (0..jobs)
-        .map(|j| {
-            debs.iter()
-                .enumerate()
-                .filter(|(i, _)| i % jobs == j)
-                .map(|(i, p)| (i, p.clone()))
-                .collect()
+    // Largest first, so the biggest package (the kernel) does not start last.
+    let mut by_size: Vec<(usize, PathBuf, u64)> = debs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                i,
+                p.clone(),
+                std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            )
         })
         .collect();
+    by_size.sort_by(|a, b| b.2.cmp(&a.2));
+    let mut chunks: Vec<Vec<(usize, PathBuf)>> = vec![Vec::new(); jobs];
+    let mut load = vec![0u64; jobs];
+    for (i, p, size) in by_size {
+        let j = (0..jobs).min_by_key(|&j| load[j]).unwrap_or(0);
+        load[j] += size;
+        chunks[j].push((i, p));
+    }
     let results: Vec<Result<Vec<(usize, Tree)>>> = std::thread::scope(|s| {
         let handles: Vec<_> = chunks
             .into_iter()
@@ -217,7 +303,7 @@ fn unpack_all(debs: &[PathBuf], jobs: usize) -> Result<Tree> {
                         .into_iter()
                         .map(|(i, p)| {
                             let mut t = Tree::new();
-                            source::unpack_deb(&p, &mut t)
+                            source::unpack_deb_cached(&p, &shas[i], cache_dir, &mut t)
                                 .with_context(|| format!("unpacking {}", p.display()))?;
                             Ok((i, t))
                         })
@@ -279,7 +365,8 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     let debs = source::fetch_debs(&m, &recs, &cache, opts.jobs.max(4))
         .context("an input no longer matches the lock (run `imager lock` to update it)")?;
     progress.step("unpacking");
-    let mut staging = unpack_all(&debs, opts.jobs)?;
+    let shas: Vec<String> = lock.packages.iter().map(|p| p.sha256.clone()).collect();
+    let mut staging = unpack_all(&debs, &shas, &cache.dir, opts.jobs)?;
     assemble::usrmerge_links(&mut staging)?;
 
     // 2. The image tree.
@@ -297,7 +384,12 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         .context("our machined binary (build it with `cargo build --release -p machined`, or pass --machined)")?;
     assemble::add_host_file(&mut image, &opts.init, "init", 0o755)
         .context("our init binary (build it with `cargo build --release -p machined --bin init`, or pass --init)")?;
-    let kubernetes = add_kubernetes(&mut image, &profile, opts.kubernetes_dir.as_deref())?;
+    let kubernetes = add_kubernetes(
+        &mut image,
+        &profile,
+        opts.kubernetes_dir.as_deref(),
+        opts.kubernetes_tarball.as_deref(),
+    )?;
     let added = elf::close(&mut image, &staging)?;
     progress.step(format!(
         "image tree: {} entries, {:.1} MiB, {} libraries added by the ELF closure, {} modules",
@@ -329,7 +421,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             let zpath = disk.with_extension("raw.zst");
             let mut enc = zstd::stream::write::Encoder::new(std::fs::File::create(&zpath)?, 3)?;
             enc.multithread(2)?;
-            std::io::copy(&mut std::fs::File::open(&disk)?, &mut enc)?;
+            read_sparse(&disk, |b| Ok(enc.write_all(b)?))?;
             enc.finish()?;
             outputs.push((zpath, "disk.zst"));
         }
@@ -352,6 +444,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     }
 
     // 4. Manifest.
+    progress.step("hashing the outputs");
     let mut out = Vec::new();
     for (p, kind) in &outputs {
         out.push(ManifestOutput {
@@ -412,10 +505,52 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// The binaries of the official server tarball, after checking it against
+/// the sha512 the profile pins (the one published in the release CHANGELOG).
+pub fn kubernetes_from_tarball(
+    tarball: &str,
+    sha512: &str,
+    wanted: &[String],
+) -> Result<Vec<(String, Vec<u8>)>> {
+    use sha2::Sha512;
+    let bytes = if tarball.starts_with("http://") || tarball.starts_with("https://") {
+        crate::source::fetch(tarball).with_context(|| format!("downloading {tarball}"))?
+    } else {
+        std::fs::read(tarball).with_context(|| format!("reading {tarball}"))?
+    };
+    let got = hex::encode(Sha512::digest(&bytes));
+    if !got.eq_ignore_ascii_case(sha512.trim()) {
+        bail!(
+            "{tarball}: sha512 {got} does not match kubernetes.serverTarballSha512 {sha512} in the profile: refusing it"
+        );
+    }
+    let mut found: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+    for entry in archive.entries().context("reading the server tarball")? {
+        let mut entry = entry?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        if let Some(name) = path.strip_prefix("kubernetes/server/bin/") {
+            if wanted.iter().any(|w| w == name) {
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut entry, &mut data)?;
+                found.push((name.to_owned(), data));
+            }
+        }
+    }
+    for w in wanted {
+        if !found.iter().any(|(n, _)| n == w) {
+            bail!("{tarball}: no kubernetes/server/bin/{w} in the tarball");
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 fn add_kubernetes(
     image: &mut Tree,
     profile: &Profile,
     dir: Option<&Path>,
+    tarball: Option<&str>,
 ) -> Result<ManifestKubernetes> {
     let Some(k) = &profile.kubernetes else {
         return Ok(ManifestKubernetes {
@@ -425,36 +560,51 @@ fn add_kubernetes(
             note: "the profile asks for no Kubernetes binaries".into(),
         });
     };
-    let Some(dir) = dir else {
-        return Ok(ManifestKubernetes {
-            present: false,
-            version: Some(k.version.clone()),
-            binaries: vec![],
-            note: format!(
-                "Kubernetes {} binaries ABSENT: no --kubernetes-dir was given (no package registry carries them); this image can run etcd and containerd but not the Kubernetes roles",
-                k.version
-            ),
-        });
+    let (binaries, from): (Vec<(String, Vec<u8>)>, String) = match (dir, tarball) {
+        (Some(dir), _) => {
+            let mut v = Vec::new();
+            for b in &k.binaries {
+                let p = dir.join(b);
+                let data = std::fs::read(&p)
+                    .with_context(|| format!("--kubernetes-dir {}: missing {b}", dir.display()))?;
+                v.push((b.clone(), data));
+            }
+            (v, dir.display().to_string())
+        }
+        (None, Some(t)) => {
+            let sha = k.server_tarball_sha512.as_deref().ok_or_else(|| {
+                anyhow!("--kubernetes-tarball needs kubernetes.serverTarballSha512 in the profile (from the release CHANGELOG)")
+            })?;
+            (kubernetes_from_tarball(t, sha, &k.binaries)?, t.to_owned())
+        }
+        (None, None) => {
+            return Ok(ManifestKubernetes {
+                present: false,
+                version: Some(k.version.clone()),
+                binaries: vec![],
+                note: format!(
+                    "Kubernetes {} binaries ABSENT: neither --kubernetes-dir nor --kubernetes-tarball was given (no package registry carries them); this image can run etcd and containerd but not the Kubernetes roles",
+                    k.version
+                ),
+            })
+        }
     };
     let mut files = Vec::new();
-    for b in &k.binaries {
-        let p = dir.join(b);
-        let data = std::fs::read(&p)
-            .with_context(|| format!("--kubernetes-dir {}: missing {b}", dir.display()))?;
+    for (b, data) in binaries {
         if elf::needs(&data).is_none() {
-            bail!("{} is not an ELF executable", p.display());
+            bail!("{from}: {b} is not an ELF executable");
         }
         files.push(ManifestFile {
             path: format!("/usr/bin/{b}"),
             sha256: hex::encode(Sha256::digest(&data)),
         });
-        image.insert(&Path::new("usr/bin").join(b), Entry::file(0o755, data))?;
+        image.insert(&Path::new("usr/bin").join(&b), Entry::file(0o755, data))?;
     }
     Ok(ManifestKubernetes {
         present: true,
         version: Some(k.version.clone()),
         binaries: files,
-        note: format!("from {}", dir.display()),
+        note: format!("from {from}"),
     })
 }
 
@@ -590,4 +740,66 @@ fn write_disk(
         ],
     )?;
     Ok(disk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_hash_equals_plain_hash() {
+        use std::io::{Seek, SeekFrom, Write};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sparse");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.seek(SeekFrom::Start(3 << 20)).unwrap();
+        f.write_all(&[7u8; 5000]).unwrap();
+        drop(f);
+        let plain = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
+        assert_eq!(sha256_file(&p).unwrap(), plain);
+    }
+
+    fn tarball(dir: &Path) -> (PathBuf, String) {
+        let path = dir.join("kubernetes-server-linux-amd64.tar.gz");
+        let f = std::fs::File::create(&path).unwrap();
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            f,
+            flate2::Compression::fast(),
+        ));
+        let elf = std::fs::read("/bin/true").unwrap();
+        for name in ["kubelet", "kube-proxy"] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(elf.len() as u64);
+            h.set_mode(0o755);
+            h.set_cksum();
+            b.append_data(
+                &mut h,
+                format!("kubernetes/server/bin/{name}"),
+                elf.as_slice(),
+            )
+            .unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+        let sha = hex::encode(sha2::Sha512::digest(std::fs::read(&path).unwrap()));
+        (path, sha)
+    }
+
+    #[test]
+    fn kubernetes_tarball_is_pinned_by_sha512() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, sha) = tarball(d.path());
+        let p = path.to_str().unwrap();
+        let got = kubernetes_from_tarball(p, &sha, &["kubelet".into()]).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, "kubelet");
+        let err = kubernetes_from_tarball(p, &"0".repeat(128), &["kubelet".into()]).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        let err = kubernetes_from_tarball(p, &sha, &["kube-apiserver".into()]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no kubernetes/server/bin/kube-apiserver"),
+            "{err}"
+        );
+    }
 }

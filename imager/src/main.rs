@@ -41,8 +41,12 @@ enum Command {
         #[arg(long)]
         init: Option<PathBuf>,
         /// Directory with kube-apiserver, kubelet, ... for the image.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "kubernetes_tarball")]
         kubernetes_dir: Option<PathBuf>,
+        /// The official kubernetes-server-linux-amd64.tar.gz (file or URL),
+        /// checked against the profile's serverTarballSha512.
+        #[arg(long, value_name = "FILE|URL")]
+        kubernetes_tarball: Option<String>,
         /// Timestamp for every file (default: the locked release's date).
         #[arg(long, env = "SOURCE_DATE_EPOCH")]
         source_date_epoch: Option<u64>,
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
             machined,
             init,
             kubernetes_dir,
+            kubernetes_tarball,
             source_date_epoch,
             jobs,
         } => {
@@ -95,6 +100,7 @@ fn main() -> ExitCode {
                 machined: machined.unwrap_or_else(|| default_bin("machined")),
                 init: init.unwrap_or_else(|| default_bin("init")),
                 kubernetes_dir,
+                kubernetes_tarball,
                 source_date_epoch,
                 jobs,
             };

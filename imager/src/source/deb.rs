@@ -97,6 +97,39 @@ fn deb_err(deb: &Path, reason: impl Into<String>) -> SourceError {
 /// A directory whose path is already a symlink in the tree keeps the
 /// symlink (as dpkg does for usrmerge links).
 pub fn unpack_deb(deb: &Path, tree: &mut Tree) -> Result<(), SourceError> {
+    unpack_tar(deb, data_tar(deb)?, tree)
+}
+
+/// [`unpack_deb`] through a cache of the decompressed `data.tar`, keyed by
+/// the (already verified) .deb's sha256: decompressing xz is most of the
+/// cost of a build, and a rebuild that changes only our binaries should not
+/// pay it again. The entry is written to a temp file and renamed, so a
+/// crash never leaves a torn one.
+pub fn unpack_deb_cached(
+    deb: &Path,
+    deb_sha256: &str,
+    cache_dir: &Path,
+    tree: &mut Tree,
+) -> Result<(), SourceError> {
+    let dir = cache_dir.join("unpacked");
+    let cached = dir.join(format!("{}.tar", deb_sha256.to_ascii_lowercase()));
+    if let Ok(f) = std::fs::File::open(&cached) {
+        return unpack_tar(deb, std::io::BufReader::with_capacity(1 << 20, f), tree);
+    }
+    let mut raw = Vec::new();
+    data_tar(deb)?
+        .read_to_end(&mut raw)
+        .map_err(|e| deb_err(deb, format!("cannot decompress data.tar: {e}")))?;
+    std::fs::create_dir_all(&dir).map_err(|e| SourceError::io(&dir, e))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", deb_sha256, std::process::id()));
+    std::fs::write(&tmp, &raw)
+        .and_then(|()| std::fs::rename(&tmp, &cached))
+        .map_err(|e| SourceError::io(&cached, e))?;
+    unpack_tar(deb, raw.as_slice(), tree)
+}
+
+/// The decompressed `data.tar` stream of a .deb.
+fn data_tar(deb: &Path) -> Result<Box<dyn Read + Send>, SourceError> {
     let file = std::fs::File::open(deb).map_err(|e| SourceError::io(deb, e))?;
     let mut ar = ar::Archive::new(std::io::BufReader::new(file));
     let mut saw_version = false;
@@ -125,22 +158,27 @@ pub fn unpack_deb(deb: &Path, tree: &mut Tree) -> Result<(), SourceError> {
         if !saw_version {
             return Err(deb_err(deb, "data member before debian-binary: not a .deb"));
         }
-        let reader: Box<dyn Read + '_> = match comp {
-            ".xz" => Box::new(liblzma::read::XzDecoder::new_multi_decoder(entry)),
+        // The compressed member is read whole so the decoder owns its input.
+        let mut member = Vec::new();
+        entry
+            .read_to_end(&mut member)
+            .map_err(|e| deb_err(deb, format!("cannot read data.tar{comp}: {e}")))?;
+        let input = std::io::Cursor::new(member);
+        return Ok(match comp {
+            ".xz" => Box::new(liblzma::read::XzDecoder::new_multi_decoder(input)),
             ".zst" => Box::new(
-                zstd::stream::read::Decoder::new(entry)
+                zstd::stream::read::Decoder::new(input)
                     .map_err(|e| deb_err(deb, format!("cannot start zstd: {e}")))?,
             ),
-            ".gz" => Box::new(flate2::read::GzDecoder::new(entry)),
-            "" => Box::new(entry),
+            ".gz" => Box::new(flate2::read::GzDecoder::new(input)),
+            "" => Box::new(input),
             other => {
                 return Err(deb_err(
                     deb,
                     format!("data.tar{other} uses an unsupported compression"),
                 ))
             }
-        };
-        return unpack_tar(deb, reader, tree);
+        });
     }
     Err(deb_err(deb, "no data.tar member: not a .deb"))
 }

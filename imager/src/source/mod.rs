@@ -21,7 +21,7 @@ mod resolve;
 mod version;
 
 pub use cache::Cache;
-pub use deb::{fetch_debs, unpack_deb};
+pub use deb::{fetch_debs, unpack_deb, unpack_deb_cached};
 pub use error::SourceError;
 pub use fetch::fetch;
 pub use index::{fetch_index, parse_packages, PackageRecord};
