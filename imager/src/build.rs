@@ -286,7 +286,7 @@ fn unpack_all(debs: &[PathBuf], shas: &[String], cache_dir: &Path, jobs: usize) 
             )
         })
         .collect();
-    by_size.sort_by(|a, b| b.2.cmp(&a.2));
+    by_size.sort_by_key(|e| std::cmp::Reverse(e.2));
     let mut chunks: Vec<Vec<(usize, PathBuf)>> = vec![Vec::new(); jobs];
     let mut load = vec![0u64; jobs];
     for (i, p, size) in by_size {
