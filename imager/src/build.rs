@@ -67,11 +67,18 @@ impl Drop for Progress {
 }
 
 pub fn mirror(override_uri: Option<&str>) -> Result<Mirror> {
-    let mut m = Mirror::from_host().context("finding the package mirror (pass --mirror URI)")?;
     if let Some(uri) = override_uri {
-        m.uri = uri.to_owned();
+        // A given mirror needs no apt configuration; the keyring still
+        // comes from $IMAGER_KEYRING or Debian's default.
+        let keyring = std::env::var_os("IMAGER_KEYRING")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/share/keyrings/debian-archive-keyring.gpg"));
+        return Ok(Mirror {
+            uri: uri.to_owned(),
+            keyring,
+        });
     }
-    Ok(m)
+    Mirror::from_host().context("finding the package mirror (pass --mirror URI)")
 }
 
 /// `imager lock`: resolves the profile's packages in the signed index.
@@ -363,7 +370,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         recs.len()
     ));
     let debs = source::fetch_debs(&m, &recs, &cache, opts.jobs.max(4))
-        .context("an input no longer matches the lock (run `imager lock` to update it)")?;
+        .context("fetching the locked packages (a checksum mismatch means the lock no longer matches the archive: run `imager lock`)")?;
     progress.step("unpacking");
     let shas: Vec<String> = lock.packages.iter().map(|p| p.sha256.clone()).collect();
     let mut staging = unpack_all(&debs, &shas, &cache.dir, opts.jobs)?;
@@ -669,8 +676,10 @@ fn write_disk(
             "loader/loader.conf".into(),
             b"timeout 0\ndefault slot-*\neditor no\n".to_vec(),
         ),
-        // "+3": systemd-boot counts down tries; machined marks the entry
-        // good (renames it) once the node is healthy.
+        // "+3": systemd-boot counts down tries on each boot. Marking the
+        // entry good once the node is healthy belongs to the boot work
+        // (not built yet); until then the counter runs down to +0, which
+        // systemd-boot still boots, last.
         ("loader/entries/slot-a+3.conf".into(), entry.into_bytes()),
         ("A/vmlinuz".into(), kernel.to_vec()),
         ("A/initrd".into(), std::fs::read(&initrd)?),

@@ -34,10 +34,11 @@ enum Command {
         /// Package mirror URI (default: the host's apt configuration, or $IMAGER_MIRROR).
         #[arg(long, env = "IMAGER_MIRROR")]
         mirror: Option<String>,
-        /// Our machined binary (default: target/release/machined).
+        /// Our machined binary (default: target/release/machined, built with
+        /// cargo when missing inside the workspace).
         #[arg(long)]
         machined: Option<PathBuf>,
-        /// Our init binary (default: target/release/init).
+        /// Our init binary (default: target/release/init, likewise).
         #[arg(long)]
         init: Option<PathBuf>,
         /// Directory with kube-apiserver, kubelet, ... for the image.
@@ -69,13 +70,27 @@ enum Command {
     },
 }
 
+/// Our binaries when --machined/--init are not given: the workspace's
+/// release build (built now with cargo when missing and we are in the
+/// workspace), else the ones beside this imager.
 fn default_bin(name: &str) -> PathBuf {
-    // Next to this imager when it was built in the workspace, else target/release.
+    let release = Path::new("target/release").join(name);
+    if !release.exists() && Path::new("machined/Cargo.toml").exists() {
+        eprintln!(
+            "building our {name} from the workspace (cargo build --release -p machined --bins)"
+        );
+        let _ = std::process::Command::new("cargo")
+            .args(["build", "--release", "-p", "machined", "--bins"])
+            .status();
+    }
+    if release.exists() {
+        return release;
+    }
     std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(|d| d.join(name)))
         .filter(|p| p.exists())
-        .unwrap_or_else(|| Path::new("target/release").join(name))
+        .unwrap_or(release)
 }
 
 fn main() -> ExitCode {

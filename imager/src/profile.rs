@@ -107,8 +107,8 @@ pub enum OutputKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Disk {
-    /// Size of the raw disk in MiB (EPHEMERAL takes the rest; machined
-    /// grows it to the real disk on first boot).
+    /// Size of the raw disk in MiB (EPHEMERAL takes the rest; growing it
+    /// to the real disk on first boot is planned machined work).
     #[serde(default = "default_disk_mib")]
     pub size_mib: u64,
     #[serde(default = "default_esp_mib")]

@@ -53,8 +53,16 @@ impl Paths {
     pub fn cni_conf_dir(&self) -> PathBuf {
         self.at("system/etc/cni/net.d")
     }
+    /// CNI plugins: Debian's containernetworking-plugins installs them in
+    /// /usr/lib/cni (that is where images have them); /opt/cni/bin is the
+    /// upstream default.
     pub fn cni_bin_dir(&self) -> PathBuf {
-        self.at("opt/cni/bin")
+        let debian = self.at("usr/lib/cni");
+        if debian.is_dir() {
+            debian
+        } else {
+            self.at("opt/cni/bin")
+        }
     }
 
     /// Creates every directory machined writes to, private where it holds

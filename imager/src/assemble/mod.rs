@@ -114,7 +114,8 @@ pub fn base_layout(tree: &mut Tree, profile: &Profile, version: &str) -> Result<
         Path::new("etc/os-release"),
         Entry::file(0o644, os_release.into_bytes()),
     )?;
-    // init rewrites these at boot; they exist so the names resolve before.
+    // Defaults baked into the image; writing them from the machine config
+    // at boot is the boot work's job (not built yet).
     tree.insert(
         Path::new("etc/hosts"),
         Entry::file(0o644, b"127.0.0.1 localhost\n::1 localhost\n".to_vec()),

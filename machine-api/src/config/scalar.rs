@@ -195,7 +195,7 @@ string_newtype!(
     json_schema!({"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$", "maxLength": 253})
 );
 
-/// A Kubernetes release version such as `1.34.2` (a leading `v` is accepted
+/// A Kubernetes release version such as `1.35.0` (a leading `v` is accepted
 /// and dropped). Pre-releases are refused: a node OS pins released software.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct KubernetesVersion {
@@ -214,7 +214,7 @@ impl FromStr for KubernetesVersion {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = || {
-            format!("invalid Kubernetes version {s:?}: expected a release such as 1.34.2 (no pre-release suffix)")
+            format!("invalid Kubernetes version {s:?}: expected a release such as 1.35.0 (no pre-release suffix)")
         };
         let core = s.strip_prefix('v').unwrap_or(s);
         let parts: Vec<&str> = core.split('.').collect();
@@ -253,7 +253,7 @@ impl JsonSchema for KubernetesVersion {
         "KubernetesVersion".into()
     }
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"type": "string", "pattern": "^v?[0-9]+\\.[0-9]+\\.[0-9]+$", "examples": ["1.34.2"]})
+        json_schema!({"type": "string", "pattern": "^v?[0-9]+\\.[0-9]+\\.[0-9]+$", "examples": ["1.35.0"]})
     }
 }
 
@@ -323,8 +323,8 @@ mod tests {
 
     #[test]
     fn kubernetes_versions() {
-        let v: KubernetesVersion = "v1.34.2".parse().unwrap();
-        assert_eq!(v.to_string(), "1.34.2");
+        let v: KubernetesVersion = "v1.35.0".parse().unwrap();
+        assert_eq!(v.to_string(), "1.35.0");
         assert!("1.34".parse::<KubernetesVersion>().is_err());
         assert!("1.35.0-alpha.1".parse::<KubernetesVersion>().is_err());
     }

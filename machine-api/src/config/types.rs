@@ -154,7 +154,7 @@ pub struct Cluster {
     /// Where the Kubernetes API is reached, e.g. `https://10.5.0.2:6443`
     /// (a load balancer or a VIP for several control-plane nodes).
     pub control_plane: ControlPlane,
-    /// Kubernetes release to run, e.g. `1.34.2`.
+    /// Kubernetes release to run, e.g. `1.35.0`.
     pub kubernetes_version: KubernetesVersion,
     /// Pod and service networks.
     #[serde(default)]

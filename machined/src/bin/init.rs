@@ -178,7 +178,12 @@ fn start_machined() -> Option<Pid> {
         log("no machined in this image");
         return None;
     }
-    match std::process::Command::new(MACHINED).spawn() {
+    // The kernel starts PID 1 with no PATH; machined finds etcd,
+    // containerd and runc through it.
+    match std::process::Command::new(MACHINED)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .spawn()
+    {
         Ok(child) => {
             let pid = Pid::from_raw(child.id() as i32);
             // The child is reaped by waitpid(-1) below, not through `child`.
