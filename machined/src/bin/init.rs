@@ -137,6 +137,90 @@ fn loopback_up() {
     }
 }
 
+/// An IPv4 address as a sockaddr for the interface ioctls.
+fn sockaddr(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    // SAFETY: sockaddr_in and sockaddr are plain old data of the same size;
+    // all-zero is a valid value of both.
+    unsafe {
+        let mut sin: libc::sockaddr_in = std::mem::zeroed();
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_addr.s_addr = u32::from_ne_bytes(ip.octets());
+        std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin)
+    }
+}
+
+/// Static IPv4 from the kernel's `ip=CLIENT::GATEWAY:NETMASK::DEVICE:off`
+/// argument (the kernel's own format). Returns the address for machined.
+fn configure_ip_from_cmdline() -> Option<std::net::Ipv4Addr> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    let spec = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ip="))?;
+    let f: Vec<&str> = spec.split(':').collect();
+    let client: std::net::Ipv4Addr = f.first()?.parse().ok()?;
+    let gateway: Option<std::net::Ipv4Addr> = f.get(2).and_then(|g| g.parse().ok());
+    let mask: std::net::Ipv4Addr = f
+        .get(3)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or([255, 255, 255, 0].into());
+    let dev = f
+        .get(5)
+        .filter(|d| !d.is_empty())
+        .copied()
+        .unwrap_or("eth0");
+    if dev.len() >= libc::IFNAMSIZ {
+        log(&format!("ip=: interface name {dev:?} is too long"));
+        return None;
+    }
+    // SAFETY: socket(2) with constant arguments; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in dev.bytes().enumerate() {
+        req.ifr_name[i] = b as libc::c_char;
+    }
+    let mut ok = true;
+    // SAFETY: fd is a valid socket; req is a valid ifreq whose union member
+    // written matches what each ioctl reads; rt is a valid rtentry.
+    unsafe {
+        req.ifr_ifru.ifru_addr = sockaddr(client);
+        ok &= libc::ioctl(fd, libc::SIOCSIFADDR, &req) == 0;
+        req.ifr_ifru.ifru_netmask = sockaddr(mask);
+        ok &= libc::ioctl(fd, libc::SIOCSIFNETMASK, &req) == 0;
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            ok &= libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0;
+        } else {
+            ok = false;
+        }
+        if let Some(gw) = gateway {
+            let mut rt: libc::rtentry = std::mem::zeroed();
+            rt.rt_dst = sockaddr([0, 0, 0, 0].into());
+            rt.rt_genmask = sockaddr([0, 0, 0, 0].into());
+            rt.rt_gateway = sockaddr(gw);
+            rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+            ok &= libc::ioctl(fd, libc::SIOCADDRT, &rt) == 0;
+        }
+        libc::close(fd);
+    }
+    if ok {
+        log(&format!(
+            "{dev}: {client}/{mask} via {}",
+            gateway.map(|g| g.to_string()).unwrap_or_else(|| "-".into())
+        ));
+        Some(client)
+    } else {
+        log(&format!(
+            "{dev}: cannot configure {spec} ({})",
+            std::io::Error::last_os_error()
+        ));
+        None
+    }
+}
+
 fn cmdline_has(word: &str) -> bool {
     std::fs::read_to_string("/proc/cmdline")
         .map(|c| c.split_whitespace().any(|w| w == word))
@@ -173,17 +257,19 @@ fn reap(machined: Option<Pid>) -> Option<i32> {
     }
 }
 
-fn start_machined() -> Option<Pid> {
+fn start_machined(node_ip: Option<std::net::Ipv4Addr>) -> Option<Pid> {
     if !Path::new(MACHINED).exists() {
         log("no machined in this image");
         return None;
     }
+    let mut cmd = std::process::Command::new(MACHINED);
     // The kernel starts PID 1 with no PATH; machined finds etcd,
     // containerd and runc through it.
-    match std::process::Command::new(MACHINED)
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .spawn()
-    {
+    cmd.env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    if let Some(ip) = node_ip {
+        cmd.args(["--node-ip", &ip.to_string()]);
+    }
+    match cmd.spawn() {
         Ok(child) => {
             let pid = Pid::from_raw(child.id() as i32);
             // The child is reaped by waitpid(-1) below, not through `child`.
@@ -207,11 +293,12 @@ fn main() {
     log("init started");
     load_modules();
     loopback_up();
+    let node_ip = configure_ip_from_cmdline();
     if cmdline_has("init.test=poweroff") {
         log("boot test: init reached; powering off");
         power(RebootMode::RB_POWER_OFF);
     }
-    let mut machined = start_machined();
+    let mut machined = start_machined(node_ip);
     let mut last_start = Instant::now();
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -231,7 +318,7 @@ fn main() {
                     } else {
                         (backoff * 2).min(Duration::from_secs(30))
                     };
-                    machined = start_machined();
+                    machined = start_machined(node_ip);
                     last_start = Instant::now();
                 }
             }

@@ -81,7 +81,7 @@ impl ApplyConfig {
             data: text.into_bytes(),
             mode: mode as i32,
             dry_run: self.dry_run,
-            maintenance_token: self.token.clone().unwrap_or_default(),
+            maintenance_token: self.token.as_deref().unwrap_or_default().trim().to_owned(),
             try_timeout_seconds: self.try_timeout,
         };
         let res = s

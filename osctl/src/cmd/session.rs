@@ -33,6 +33,21 @@ impl Session {
     /// Maintenance mode: no client certificate; the node's certificate is
     /// pinned when a fingerprint is given.
     pub fn insecure(args: &ConnectArgs, fingerprint: Option<String>) -> Result<Self> {
+        // Copied from a console: tolerate whitespace, CR and `aa:bb:` form.
+        let fingerprint = fingerprint.map(|f| {
+            f.chars()
+                .filter(|c| c.is_ascii_hexdigit())
+                .collect::<String>()
+                .to_lowercase()
+        });
+        if let Some(f) = &fingerprint {
+            if f.len() != 64 {
+                anyhow::bail!(
+                    "--cert-fingerprint: expected 64 hex digits (SHA-256), got {}",
+                    f.len()
+                );
+            }
+        }
         let ctx = args.context().ok();
         let targets = args.targets(ctx.as_ref())?;
         if fingerprint.is_none() {
