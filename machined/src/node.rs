@@ -487,8 +487,8 @@ impl Node {
         list
     }
 
-    pub async fn bootstrap(&self) -> Result<String, NodeError> {
-        let _guard = self.change_lock.lock().await;
+    /// The config, when it gives this node the etcd role.
+    async fn etcd_config(&self) -> Result<MachineConfig, NodeError> {
         let cfg = self
             .config
             .read()
@@ -498,6 +498,12 @@ impl Node {
         if !cfg.has_role(Role::Etcd) {
             return Err(NodeError::Precondition("this node has no etcd role".into()));
         }
+        Ok(cfg)
+    }
+
+    pub async fn bootstrap(&self) -> Result<String, NodeError> {
+        let _guard = self.change_lock.lock().await;
+        let cfg = self.etcd_config().await?;
         if etcd::member_initialized(&self.opts.paths) {
             return Err(NodeError::Precondition(
                 "etcd already has data on this node: the cluster is bootstrapped".into(),
@@ -525,15 +531,7 @@ impl Node {
 
     /// An etcd client for this node's member.
     pub async fn etcd_client(&self) -> Result<roles::etcd_client::EtcdClient, NodeError> {
-        let cfg = self
-            .config
-            .read()
-            .await
-            .clone()
-            .ok_or_else(|| NodeError::Precondition("the node has no config".into()))?;
-        if !cfg.has_role(Role::Etcd) {
-            return Err(NodeError::Precondition("this node has no etcd role".into()));
-        }
+        let cfg = self.etcd_config().await?;
         let ctx = self.role_context(&cfg);
         etcd::EtcdFiles::new(&ctx.paths)
             .local_client(vec![etcd::client_url(ctx.node.ip)])

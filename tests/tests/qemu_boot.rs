@@ -121,15 +121,26 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
 
     // Maintenance mode: pinned fingerprint, one-time token.
     let node = format!("127.0.0.1:{api}");
-    let v = osctl(&[
-        "version",
-        "--insecure",
-        "--cert-fingerprint",
-        &fp,
-        "-n",
-        &node,
-    ])
-    .expect_ok();
+    // The forwarded port may lag the guest a little under load.
+    let version = || {
+        osctl(&[
+            "version",
+            "--insecure",
+            "--cert-fingerprint",
+            &fp,
+            "-n",
+            &node,
+        ])
+    };
+    let mut v = version();
+    for _ in 0..20 {
+        if v.ok {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        v = version();
+    }
+    let v = v.expect_ok();
     assert!(v.stdout.contains("maintenance"), "{}", v.text());
     let files = ClusterFiles::generate(&tmp.path().join("cluster"), "10.0.2.15");
     let cfg = files.node_config("vm.yaml", "vm-1", "");

@@ -91,21 +91,7 @@ pub fn base_layout(tree: &mut Tree, profile: &Profile, version: &str) -> Result<
     ] {
         tree.mkdir_all(Path::new(d))?;
     }
-    for (link, target) in [
-        ("bin", "usr/bin"),
-        ("sbin", "usr/sbin"),
-        ("lib", "usr/lib"),
-        ("lib64", "usr/lib64"),
-    ] {
-        if tree.get(Path::new(link)).is_none() {
-            tree.insert(
-                Path::new(link),
-                Entry::Symlink {
-                    target: target.into(),
-                },
-            )?;
-        }
-    }
+    usrmerge_links(tree)?;
     let os_release = format!(
         "NAME=\"Kubernetes node OS\"\nID=knos\nVERSION_ID={version}\nPRETTY_NAME=\"Kubernetes node OS {version} ({})\"\nVARIANT_ID={}\n",
         profile.source.suite, profile.name

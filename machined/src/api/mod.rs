@@ -52,6 +52,21 @@ fn banner(node: &Node, id: &tls::ServerIdentity, maintenance: bool, name: &str) 
     info!(node = name, fingerprint = %id.fingerprint, maintenance, "OS API identity");
 }
 
+/// Waits (up to 5 s) until `listen` accepts TCP connections.
+async fn wait_listening(listen: std::net::SocketAddr) {
+    let mut probe = listen;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    for _ in 0..250 {
+        if tokio::net::TcpStream::connect(probe).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    warn!("the OS API at {listen} does not accept connections yet");
+}
+
 /// Serves until asked to reboot or shut down; restarts the server when the
 /// identity changes (maintenance → configured, reset, new CA or names).
 pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control>) -> Control {
@@ -71,7 +86,6 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
                 continue;
             }
         };
-        banner(&node, &id, maintenance, &me.name);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
             .tls_config(id.tls_config())
@@ -96,6 +110,10 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
                 continue;
             }
         };
+        // The banner tells operators to connect: print it once the port
+        // accepts connections, not before.
+        wait_listening(node.opts.listen).await;
+        banner(&node, &id, maintenance, &me.name);
         let next = tokio::select! {
             c = control.recv() => c.unwrap_or(Control::Shutdown),
             r = &mut task => {
