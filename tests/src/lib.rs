@@ -263,36 +263,55 @@ impl Machined {
 
     /// etcdctl against this node's member with the node's own certificates.
     pub fn etcdctl(&self, args: &[&str]) -> Run {
-        let dir = self.root.join("system/secrets/etcd");
-        Run::from(
-            Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints=https://{}:2379", self.ip))
-                .arg(format!("--cacert={}", dir.join("ca.crt").display()))
-                .arg(format!("--cert={}", dir.join("client.crt").display()))
-                .arg(format!("--key={}", dir.join("client.key").display()))
-                .arg("--command-timeout=10s")
-                .args(args)
-                .output()
-                .unwrap(),
+        etcdctl(
+            &format!("https://{}:2379", self.ip),
+            &self.root.join("system/secrets/etcd"),
+            args,
         )
     }
 
     /// Maintenance-mode apply with the banner's fingerprint and token.
     pub fn apply_insecure(&self, file: &Path) -> Run {
-        osctl(&[
-            "apply-config",
-            "--insecure",
-            "--cert-fingerprint",
-            &self.banner("fingerprint:").unwrap(),
-            "--token",
-            &self.banner("token:").unwrap(),
-            "-n",
+        apply_insecure(
             &self.ip,
-            "-f",
-            file.to_str().unwrap(),
-        ])
+            &self.banner("fingerprint:").unwrap(),
+            &self.banner("token:").unwrap(),
+            file,
+        )
     }
+}
+
+/// etcdctl over mTLS with `ca.crt`, `client.crt` and `client.key` from
+/// `certs`: the independent check that etcd really serves.
+pub fn etcdctl(endpoint: &str, certs: &Path, args: &[&str]) -> Run {
+    Run::from(
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .arg(format!("--cacert={}", certs.join("ca.crt").display()))
+            .arg(format!("--cert={}", certs.join("client.crt").display()))
+            .arg(format!("--key={}", certs.join("client.key").display()))
+            .arg("--command-timeout=20s")
+            .args(args)
+            .output()
+            .unwrap(),
+    )
+}
+
+/// `osctl apply-config --insecure` to a node in maintenance mode.
+pub fn apply_insecure(node: &str, fingerprint: &str, token: &str, file: &Path) -> Run {
+    osctl(&[
+        "apply-config",
+        "--insecure",
+        "--cert-fingerprint",
+        fingerprint,
+        "--token",
+        token,
+        "-n",
+        node,
+        "-f",
+        file.to_str().unwrap(),
+    ])
 }
 
 /// True while `pid` runs (a zombie waiting for a parent that does not reap

@@ -144,32 +144,8 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
     assert!(v.stdout.contains("maintenance"), "{}", v.text());
     let files = ClusterFiles::generate(&tmp.path().join("cluster"), "10.0.2.15");
     let cfg = files.node_config("vm.yaml", "vm-1", "");
-    osctl(&[
-        "apply-config",
-        "--insecure",
-        "--cert-fingerprint",
-        &fp,
-        "--token",
-        "wrong",
-        "-n",
-        &node,
-        "-f",
-        cfg.to_str().unwrap(),
-    ])
-    .expect_err("maintenance token");
-    osctl(&[
-        "apply-config",
-        "--insecure",
-        "--cert-fingerprint",
-        &fp,
-        "--token",
-        &token,
-        "-n",
-        &node,
-        "-f",
-        cfg.to_str().unwrap(),
-    ])
-    .expect_ok();
+    node_tests::apply_insecure(&node, &fp, "wrong", &cfg).expect_err("maintenance token");
+    node_tests::apply_insecure(&node, &fp, &token, &cfg).expect_ok();
 
     // Configured: mutual TLS from now on.
     wait_until(Duration::from_secs(60), "the configured API", || {
@@ -200,28 +176,14 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
     let client = ca
         .issue(&machine_api::pki::kube::etcd_healthcheck_client())
         .unwrap();
-    let d = tmp.path();
-    std::fs::write(d.join("ca.crt"), &bundle.etcd_ca.crt).unwrap();
-    std::fs::write(d.join("c.crt"), &client.cert_pem).unwrap();
-    std::fs::write(d.join("c.key"), &client.key_pem).unwrap();
-    let etcdctl = |args: &[&str]| {
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints=https://127.0.0.1:{etcd}"))
-            .arg(format!("--cacert={}", d.join("ca.crt").display()))
-            .arg(format!("--cert={}", d.join("c.crt").display()))
-            .arg(format!("--key={}", d.join("c.key").display()))
-            .arg("--command-timeout=20s")
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let put = etcdctl(&["put", "booted", "yes"]);
-    assert!(
-        put.status.success(),
-        "{}",
-        String::from_utf8_lossy(&put.stderr)
-    );
-    let get = etcdctl(&["get", "booted", "--print-value-only"]);
-    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "yes");
+    let certs = tmp.path().join("etcd-client");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("ca.crt"), &bundle.etcd_ca.crt).unwrap();
+    std::fs::write(certs.join("client.crt"), &client.cert_pem).unwrap();
+    std::fs::write(certs.join("client.key"), &client.key_pem).unwrap();
+    let endpoint = format!("https://127.0.0.1:{etcd}");
+    node_tests::etcdctl(&endpoint, &certs, &["put", "booted", "yes"]).expect_ok();
+    let got = node_tests::etcdctl(&endpoint, &certs, &["get", "booted", "--print-value-only"])
+        .expect_ok();
+    assert_eq!(got.stdout.trim(), "yes");
 }
