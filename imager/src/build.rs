@@ -139,6 +139,8 @@ pub struct BuildOptions {
     /// `kubernetes-server-linux-amd64.tar.gz` as a file or URL, verified by
     /// the profile's `serverTarballSha512`.
     pub kubernetes_tarball: Option<String>,
+    /// A machine config to bake in (validated first).
+    pub embed_config: Option<PathBuf>,
     pub source_date_epoch: Option<u64>,
     pub jobs: usize,
 }
@@ -391,6 +393,20 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         .context("our machined binary (build it with `cargo build --release -p machined`, or pass --machined)")?;
     assemble::add_host_file(&mut image, &opts.init, "init", 0o755)
         .context("our init binary (build it with `cargo build --release -p machined --bin init`, or pass --init)")?;
+    if let Some(cfg) = &opts.embed_config {
+        let text = std::fs::read_to_string(cfg)
+            .with_context(|| format!("--embed-config {}", cfg.display()))?;
+        machine_api::config::MachineConfig::parse(&text).map_err(|p| {
+            anyhow!(
+                "--embed-config {}: the config does not validate (check it with `osctl validate -f`):\n{p}",
+                cfg.display()
+            )
+        })?;
+        image.insert(
+            Path::new("usr/lib/machined/config.yaml"),
+            Entry::file(0o600, text.into_bytes()),
+        )?;
+    }
     let kubernetes = add_kubernetes(
         &mut image,
         &profile,
@@ -638,10 +654,14 @@ fn write_disk(
         squashfs::write(image, epoch as u32, squashfs::Compression::Zstd, &mut f)?;
         f.flush()?;
     }
-    // The boot initramfs is the same tree for now: init finds everything in
-    // it. Mounting slot A's squashfs as root is the init's next step.
+    // The disk's initramfs holds only init and the kernel modules: init
+    // loads them, mounts slot A's squashfs (found by partition name) and
+    // switches to it, so the root is the verified read-only slot.
     let initrd = work.path().join("initrd");
-    write_zstd_cpio(image, epoch, &initrd)?;
+    let mut boot = crate::assemble::boot_initramfs(image)?;
+    // init is dynamically linked: its loader and libraries come along.
+    elf::close(&mut boot, staging)?;
+    write_zstd_cpio(&boot, epoch, &initrd)?;
 
     let sd_boot = [
         "usr/lib/systemd/boot/efi/systemd-bootx64.efi",

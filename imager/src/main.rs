@@ -48,6 +48,12 @@ enum Command {
         /// checked against the profile's serverTarballSha512.
         #[arg(long, value_name = "FILE|URL")]
         kubernetes_tarball: Option<String>,
+        /// A machine config baked into the image (0600 at
+        /// /usr/lib/machined/config.yaml): nodes booted from it configure
+        /// themselves on first boot instead of waiting in maintenance mode.
+        /// Holds secrets: keep such an image as private as the config.
+        #[arg(long, value_name = "FILE")]
+        embed_config: Option<PathBuf>,
         /// Timestamp for every file (default: the locked release's date).
         #[arg(long, env = "SOURCE_DATE_EPOCH")]
         source_date_epoch: Option<u64>,
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
             init,
             kubernetes_dir,
             kubernetes_tarball,
+            embed_config,
             source_date_epoch,
             jobs,
         } => {
@@ -116,6 +123,7 @@ fn main() -> ExitCode {
                 init: init.unwrap_or_else(|| default_bin("init")),
                 kubernetes_dir,
                 kubernetes_tarball,
+                embed_config,
                 source_date_epoch,
                 jobs,
             };

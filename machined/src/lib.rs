@@ -4,9 +4,14 @@
 //! The binary is thin (`main.rs`); everything lives here so integration
 //! tests and benchmarks can reach the parts.
 
+pub mod acquire;
 pub mod api;
+pub mod disks;
+pub mod etc_files;
+pub mod net;
 pub mod node;
 pub mod paths;
 pub mod roles;
 pub mod state;
 pub mod supervisor;
+pub mod timeline;

@@ -150,6 +150,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = cli.root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let root = std::fs::canonicalize(&root).unwrap_or(root);
     let paths = Paths::new(&root);
+    let timeline = machined::timeline::Timeline::new(paths.timeline_file());
+    timeline.mark("machined started", env!("CARGO_PKG_VERSION"));
+    if !host_mode {
+        // Before anything opens a file under /var or /system/state.
+        let (done, errors) = machined::disks::prepare(&root);
+        for e in &errors {
+            error!("{e}; running from RAM, the config and data will not survive a reboot");
+        }
+        timeline.mark("disks ready", &done.join("; "));
+    }
     paths.create_all()?;
     let node_ip = cli.node_ip.unwrap_or(match cli.listen.ip() {
         ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -181,7 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let node = Node::new(opts, supervisor.clone(), tx);
     node.boot().await?;
-    spawn_state_printer(&supervisor);
+    spawn_state_printer(&supervisor, timeline);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let next = tokio::select! {
@@ -220,7 +230,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Service state changes on the console, as they happen.
-fn spawn_state_printer(supervisor: &Supervisor) {
+/// Each service's first healthy state of this boot goes on the timeline.
+fn spawn_state_printer(supervisor: &Supervisor, timeline: machined::timeline::Timeline) {
     let mut rx = supervisor.subscribe();
     tokio::spawn(async move {
         loop {
@@ -232,6 +243,12 @@ fn spawn_state_printer(supervisor: &Supervisor) {
                         format!(": {}", s.message)
                     };
                     eprintln!("[service] {} {}{msg}", s.name, s.state);
+                    if s.state == machined::supervisor::ServiceState::Healthy {
+                        let phase = format!("{} healthy", s.name);
+                        if !timeline.has(&phase) {
+                            timeline.mark(&phase, "");
+                        }
+                    }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => return,

@@ -12,6 +12,7 @@ use machine_api::config::{MachineConfig, Role};
 use tokio::sync::{mpsc, Mutex, RwLock};
 use tracing::{info, warn};
 
+use crate::net;
 use crate::paths::Paths;
 use crate::roles::{self, etcd, NodeIdentity, RoleContext};
 use crate::state::{change, ConfigStore, TryState};
@@ -101,6 +102,14 @@ pub struct Node {
     change_lock: Mutex<()>,
     try_watcher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     started: Instant,
+    /// This boot's phases (`osctl boot`).
+    pub timeline: crate::timeline::Timeline,
+    /// The node's address (etcd, certificates) and every configured one.
+    net: std::sync::RwLock<NetState>,
+    /// Name servers from DHCP or `ip=` (the config's win).
+    nameservers: std::sync::Mutex<Vec<IpAddr>>,
+    /// Host name from the kernel's `ip=`.
+    cmdline_hostname: std::sync::Mutex<Option<String>>,
     /// The last thing worth telling (rollback, reconcile error).
     last_event: std::sync::Mutex<Option<String>>,
 }
@@ -111,6 +120,13 @@ impl std::fmt::Debug for Node {
             .field("opts", &self.opts)
             .finish_non_exhaustive()
     }
+}
+
+/// What the network came up as.
+#[derive(Clone, Debug)]
+struct NetState {
+    node_ip: IpAddr,
+    addresses: Vec<String>,
 }
 
 /// This boot's identity: a `try` outlives a machined restart but not a reboot.
@@ -128,6 +144,11 @@ impl Node {
     ) -> Arc<Self> {
         Arc::new(Node {
             store: ConfigStore::new(opts.paths.state_dir()),
+            timeline: crate::timeline::Timeline::new(opts.paths.timeline_file()),
+            net: std::sync::RwLock::new(NetState {
+                node_ip: opts.node_ip,
+                addresses: Vec::new(),
+            }),
             opts,
             supervisor,
             config: RwLock::new(None),
@@ -136,7 +157,25 @@ impl Node {
             try_watcher: std::sync::Mutex::new(None),
             started: Instant::now(),
             last_event: std::sync::Mutex::new(None),
+            nameservers: std::sync::Mutex::new(Vec::new()),
+            cmdline_hostname: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The node's own address: etcd's and the certificates'.
+    pub fn node_ip(&self) -> IpAddr {
+        self.net
+            .read()
+            .map(|n| n.node_ip)
+            .unwrap_or(self.opts.node_ip)
+    }
+
+    /// Every address configured at boot, `interface address/prefix`.
+    pub fn addresses(&self) -> Vec<String> {
+        self.net
+            .read()
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -156,8 +195,9 @@ impl Node {
             name: cfg
                 .and_then(|c| c.machine.hostname.as_ref())
                 .map(|h| h.0.clone())
+                .or_else(|| self.cmdline_hostname.lock().ok().and_then(|h| h.clone()))
                 .unwrap_or_else(|| self.opts.default_hostname.clone()),
-            ip: self.opts.node_ip,
+            ip: self.node_ip(),
         }
     }
 
@@ -201,7 +241,22 @@ impl Node {
         for n in &boot.notes {
             self.note(n.clone());
         }
-        *self.config.write().await = boot.config;
+        let config = match boot.config {
+            Some(c) => Some(c),
+            None if !self.opts.host_mode => {
+                self.bring_up_network(None).await;
+                self.acquire_config().await
+            }
+            None => None,
+        };
+        if !self.opts.host_mode && !self.net_configured() {
+            self.bring_up_network(config.as_ref()).await;
+        }
+        if config.is_some() {
+            self.timeline.mark("config loaded", "");
+        }
+        *self.config.write().await = config;
+        self.write_etc_files().await;
         let adopted = self.supervisor.adopt_existing().await;
         if !adopted.is_empty() {
             info!("adopted running services: {}", adopted.join(", "));
@@ -211,6 +266,123 @@ impl Node {
             self.watch_try(t);
         }
         Ok(())
+    }
+
+    fn net_configured(&self) -> bool {
+        self.net
+            .read()
+            .map(|n| !n.addresses.is_empty())
+            .unwrap_or(false)
+    }
+
+    /// Configures the network (node mode): the machine config's interfaces,
+    /// else the kernel's `ip=`, else DHCP on the first link with carrier.
+    async fn bring_up_network(&self, cfg: Option<&MachineConfig>) {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let plan = match cfg.and_then(|c| net::Plan::from_config(&c.machine.network)) {
+            Some(p) => p,
+            None => match net::Plan::from_kernel_cmdline(&cmdline) {
+                Ok(Some(p)) => p,
+                Ok(None) => net::Plan::default_dhcp(),
+                Err(e) => {
+                    self.note(format!("{e}; falling back to DHCP"));
+                    net::Plan::default_dhcp()
+                }
+            },
+        };
+        let (out, errors) = net::apply(&plan).await;
+        for e in errors {
+            self.note(format!("network: {e}"));
+        }
+        let addresses: Vec<String> = out
+            .addresses
+            .iter()
+            .map(|(i, a)| format!("{i} {a}"))
+            .collect();
+        self.timeline.mark(
+            "network up",
+            &format!("{} from the {}", addresses.join(", "), plan.source),
+        );
+        if let Ok(mut n) = self.net.write() {
+            if let Some(ip) = out.node_ip() {
+                n.node_ip = ip;
+            }
+            n.addresses = addresses;
+        }
+        if let Ok(mut d) = self.nameservers.lock() {
+            *d = out.nameservers;
+        }
+        if let Some(h) = out.hostname {
+            if let Ok(mut d) = self.cmdline_hostname.lock() {
+                *d = Some(h);
+            }
+        }
+    }
+
+    /// A node without a stored config tries the embedded config and the
+    /// kernel command line before maintenance mode.
+    async fn acquire_config(&self) -> Option<MachineConfig> {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let embedded = self.opts.paths.root.join("usr/lib/machined/config.yaml");
+        for source in crate::acquire::sources(&cmdline, &embedded) {
+            let got = match crate::acquire::fetch(&source, &cmdline).await {
+                Ok(g) => g,
+                Err(e) => {
+                    self.note(format!("config source {source}: {e}"));
+                    continue;
+                }
+            };
+            let cfg = match MachineConfig::parse(&got.text) {
+                Ok(c) => c,
+                Err(p) => {
+                    self.note(format!("config from {source} rejected:\n{p}"));
+                    continue;
+                }
+            };
+            if let Err(e) = self.check_runnable(&cfg) {
+                self.note(format!("config from {source} rejected: {e}"));
+                continue;
+            }
+            if let Err(e) = self.store.save(&cfg.to_yaml()) {
+                self.note(format!("config from {source}: cannot store it: {e}"));
+                continue;
+            }
+            info!("config from {source} accepted and stored");
+            self.timeline.mark("config acquired", &source);
+            return Some(cfg);
+        }
+        None
+    }
+
+    /// /etc/hosts, resolv.conf and hostname (node mode), and the kernel's
+    /// host name.
+    async fn write_etc_files(&self) {
+        if self.opts.host_mode {
+            return;
+        }
+        let cfg = self.config.read().await.clone();
+        let name = self.identity_for(cfg.as_ref()).name;
+        let mut nameservers = self
+            .nameservers
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default();
+        if let Some(c) = &cfg {
+            if !c.machine.network.nameservers.is_empty() {
+                nameservers = c.machine.network.nameservers.iter().map(|n| n.0).collect();
+            }
+        }
+        let files = crate::etc_files::EtcFiles {
+            hostname: name.clone(),
+            addresses: vec![self.node_ip()],
+            nameservers,
+        };
+        if let Err(e) = files.write(&self.opts.paths.etc_dir()) {
+            self.note(format!("cannot write /system/etc: {e}"));
+        }
+        if let Err(e) = nix::unistd::sethostname(&name) {
+            self.note(format!("cannot set the host name {name}: {e}"));
+        }
     }
 
     /// Brings the services in line with the config (none in maintenance).
@@ -373,6 +545,7 @@ impl Node {
         let after = self.identity_for(Some(&new));
         let key_after = crate::api::tls::ServerIdentity::key_of(Some(&new), &after);
         *self.config.write().await = Some(new);
+        self.write_etc_files().await;
         self.reconcile().await;
         if key_before != key_after {
             self.send(Control::Reload, Duration::from_millis(300));

@@ -32,6 +32,15 @@ impl Paths {
     pub fn services_dir(&self) -> PathBuf {
         self.at("run/machined/services")
     }
+    /// This boot's phase stamps, shared with init (see `timeline`).
+    pub fn timeline_file(&self) -> PathBuf {
+        self.at("run/machined/timeline")
+    }
+    /// Files machined writes for /etc (/etc/hosts and friends link here:
+    /// the root filesystem is read-only).
+    pub fn etc_dir(&self) -> PathBuf {
+        self.at("system/etc")
+    }
     pub fn log_dir(&self) -> PathBuf {
         self.at("var/log")
     }

@@ -25,6 +25,8 @@ pub enum AssembleError {
     Elf(String),
     #[error("cannot read {0}: {1}")]
     Read(PathBuf, std::io::Error),
+    #[error("the image has no /init to put in the disk's initramfs")]
+    NoInit,
 }
 
 fn globs(list: &[String]) -> Result<GlobSet, AssembleError> {
@@ -100,17 +102,16 @@ pub fn base_layout(tree: &mut Tree, profile: &Profile, version: &str) -> Result<
         Path::new("etc/os-release"),
         Entry::file(0o644, os_release.into_bytes()),
     )?;
-    // Defaults baked into the image; writing them from the machine config
-    // at boot is the boot work's job (not built yet).
-    tree.insert(
-        Path::new("etc/hosts"),
-        Entry::file(0o644, b"127.0.0.1 localhost\n::1 localhost\n".to_vec()),
-    )?;
-    tree.insert(Path::new("etc/resolv.conf"), Entry::file(0o644, Vec::new()))?;
-    tree.insert(
-        Path::new("etc/hostname"),
-        Entry::file(0o644, b"node\n".to_vec()),
-    )?;
+    // The root is read-only: machined writes these at boot (from the
+    // machine config, DHCP or `ip=`) into /system/etc, a tmpfs.
+    for name in ["hosts", "resolv.conf", "hostname"] {
+        tree.insert(
+            &Path::new("etc").join(name),
+            Entry::Symlink {
+                target: Path::new("../system/etc").join(name),
+            },
+        )?;
+    }
     tree.insert(
         Path::new("etc/passwd"),
         Entry::file(0o644, b"root:x:0:0:root:/:/usr/sbin/nologin\n".to_vec()),
@@ -124,6 +125,35 @@ pub fn base_layout(tree: &mut Tree, profile: &Profile, version: &str) -> Result<
         Entry::file(0o644, b"hosts: files dns\n".to_vec()),
     )?;
     Ok(())
+}
+
+/// The disk's initramfs: init, the kernel modules and their load list, and
+/// the mount points init needs before it switches to slot A.
+pub fn boot_initramfs(image: &Tree) -> Result<Tree, AssembleError> {
+    let mut boot = Tree::new();
+    for d in [
+        "dev", "proc", "sys", "run", "tmp", "sysroot", "system", "etc",
+    ] {
+        boot.mkdir_all(Path::new(d))?;
+    }
+    usrmerge_links(&mut boot)?;
+    for (path, entry) in image.iter() {
+        let keep = path == Path::new("init")
+            || path == Path::new("etc/modules-load.list")
+            || path.starts_with("usr/lib/modules")
+            || path.starts_with("lib/modules");
+        if keep {
+            if let Entry::Dir { .. } = entry {
+                boot.mkdir_all(path)?;
+            } else {
+                boot.insert(path, entry.clone())?;
+            }
+        }
+    }
+    if boot.get(Path::new("init")).is_none() {
+        return Err(AssembleError::NoInit);
+    }
+    Ok(boot)
 }
 
 /// The merged-/usr links (`lib64 -> usr/lib64`, ...) that base-files

@@ -68,6 +68,11 @@ pub const RULES: &[Rule] = &[
         false,
     ),
     rule(
+        "/machine.v1alpha1.MachineService/BootTimeline",
+        Access::Read,
+        false,
+    ),
+    rule(
         "/machine.v1alpha1.MachineService/Reboot",
         Access::Operate,
         false,

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use machine_api::proto::machine_service_server::MachineService;
 use machine_api::proto::{
-    ApplyConfigurationRequest, ApplyConfigurationResponse, ApplyMode as ProtoMode,
-    ConfirmConfigurationResponse, Empty, GetConfigurationResponse, HealthResponse, ResetRequest,
-    VersionResponse,
+    ApplyConfigurationRequest, ApplyConfigurationResponse, ApplyMode as ProtoMode, BootMark,
+    BootTimelineResponse, ConfirmConfigurationResponse, Empty, GetConfigurationResponse,
+    HealthResponse, ResetRequest, VersionResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -123,6 +123,24 @@ impl MachineService for MachineApi {
             maintenance: self.0.in_maintenance().await,
             services: services.into_iter().map(service_info).collect(),
         }))
+    }
+
+    async fn boot_timeline(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<BootTimelineResponse>, Status> {
+        let marks = self
+            .0
+            .timeline
+            .read()
+            .into_iter()
+            .map(|m| BootMark {
+                uptime_seconds: m.uptime,
+                phase: m.phase,
+                detail: m.detail,
+            })
+            .collect();
+        Ok(Response::new(BootTimelineResponse { marks }))
     }
 
     async fn reboot(&self, r: Request<Empty>) -> Result<Response<Empty>, Status> {

@@ -22,7 +22,13 @@ use crate::node::{Control, Node};
 fn banner(node: &Node, id: &tls::ServerIdentity, maintenance: bool, name: &str) {
     let mut lines = vec![
         format!("node:        {name}"),
-        format!("address:     {}", node.opts.node_ip),
+        format!(
+            "addresses:   {}",
+            match node.addresses() {
+                a if a.is_empty() => node.node_ip().to_string(),
+                a => a.join(", "),
+            }
+        ),
         format!(
             "OS API:      {} ({})",
             node.opts.listen,

@@ -1,9 +1,13 @@
 //! init: PID 1 of a node. Small on purpose: mount the kernel filesystems,
-//! load the image's modules, bring up `lo`, then start machined, restart it
-//! if it exits, and reap every orphan. machined is a separate process so
+//! load the image's modules, switch to the read-only root of the active
+//! slot when booted from disk, bring up `lo`, then start machined, restart
+//! it if it exits, and reap every orphan. machined is a separate process so
 //! that a machined crash never becomes a kernel panic (PID 1 must not exit).
+//! Networking, disks and /etc are machined's: it knows the machine config.
 //!
 //! Kernel command line:
+//! - `slot=A|B`: mount that GPT partition (squashfs) as the root and switch
+//!   to it (disk boots; systemd-boot's entry for each slot sets it);
 //! - `init.test=poweroff`: print the boot marker and power off (boot tests);
 //! - everything else is for machined (`machined.token=...`, `ip=...`).
 
@@ -12,7 +16,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::mount::{mount, MsFlags};
+use machined::timeline::Timeline;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -137,87 +142,157 @@ fn loopback_up() {
     }
 }
 
-/// An IPv4 address as a sockaddr for the interface ioctls.
-fn sockaddr(ip: std::net::Ipv4Addr) -> libc::sockaddr {
-    // SAFETY: sockaddr_in and sockaddr are plain old data of the same size;
-    // all-zero is a valid value of both.
-    unsafe {
-        let mut sin: libc::sockaddr_in = std::mem::zeroed();
-        sin.sin_family = libc::AF_INET as libc::sa_family_t;
-        sin.sin_addr.s_addr = u32::from_ne_bytes(ip.octets());
-        std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin)
+fn cmdline_value(key: &str) -> Option<String> {
+    std::fs::read_to_string("/proc/cmdline").ok().and_then(|c| {
+        c.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
+    })
+}
+
+/// Removes the initramfs' files (they live in RAM) without crossing into
+/// other mounts, as switch_root(8) does.
+fn free_initramfs(dir: &Path, root_dev: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.dev() != root_dev {
+            continue; // a mount point (the new root, /dev, /proc...)
+        }
+        if md.is_dir() {
+            free_initramfs(&p, root_dev);
+            let _ = std::fs::remove_dir(&p);
+        } else {
+            let _ = std::fs::remove_file(&p);
+        }
     }
 }
 
-/// Static IPv4 from the kernel's `ip=CLIENT::GATEWAY:NETMASK::DEVICE:off`
-/// argument (the kernel's own format). Returns the address for machined.
-fn configure_ip_from_cmdline() -> Option<std::net::Ipv4Addr> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-    let spec = cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ip="))?;
-    let f: Vec<&str> = spec.split(':').collect();
-    let client: std::net::Ipv4Addr = f.first()?.parse().ok()?;
-    let gateway: Option<std::net::Ipv4Addr> = f.get(2).and_then(|g| g.parse().ok());
-    let mask: std::net::Ipv4Addr = f
-        .get(3)
-        .and_then(|m| m.parse().ok())
-        .unwrap_or([255, 255, 255, 0].into());
-    let dev = f
-        .get(5)
-        .filter(|d| !d.is_empty())
-        .copied()
-        .unwrap_or("eth0");
-    if dev.len() >= libc::IFNAMSIZ {
-        log(&format!("ip=: interface name {dev:?} is too long"));
-        return None;
-    }
-    // SAFETY: socket(2) with constant arguments; closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: ifreq is plain old data; all-zero is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (i, b) in dev.bytes().enumerate() {
-        req.ifr_name[i] = b as libc::c_char;
-    }
-    let mut ok = true;
-    // SAFETY: fd is a valid socket; req is a valid ifreq whose union member
-    // written matches what each ioctl reads; rt is a valid rtentry.
-    unsafe {
-        req.ifr_ifru.ifru_addr = sockaddr(client);
-        ok &= libc::ioctl(fd, libc::SIOCSIFADDR, &req) == 0;
-        req.ifr_ifru.ifru_netmask = sockaddr(mask);
-        ok &= libc::ioctl(fd, libc::SIOCSIFNETMASK, &req) == 0;
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
-            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            ok &= libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0;
-        } else {
-            ok = false;
+/// Mounts slot `slot`'s squashfs (found by GPT partition name) on /sysroot
+/// and makes it the root: the kernel filesystems move along, the
+/// initramfs is freed, then chroot.
+fn switch_root(slot: &str) -> Result<(), String> {
+    let started = Instant::now();
+    let part = loop {
+        if let Some(p) = machined::disks::find(Path::new("/sys/class/block"), slot) {
+            break p;
         }
-        if let Some(gw) = gateway {
-            let mut rt: libc::rtentry = std::mem::zeroed();
-            rt.rt_dst = sockaddr([0, 0, 0, 0].into());
-            rt.rt_genmask = sockaddr([0, 0, 0, 0].into());
-            rt.rt_gateway = sockaddr(gw);
-            rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-            ok &= libc::ioctl(fd, libc::SIOCADDRT, &rt) == 0;
+        if started.elapsed() > Duration::from_secs(15) {
+            return Err(format!(
+                "no partition named {slot} after 15 s (is the disk attached, and its driver in the image's kernel.modules?)"
+            ));
         }
-        libc::close(fd);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = std::fs::create_dir_all("/sysroot");
+    mount(
+        Some(&part.dev),
+        "/sysroot",
+        Some("squashfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        format!(
+            "mount {} (slot {slot}) on /sysroot: {e}",
+            part.dev.display()
+        )
+    })?;
+    for d in ["/dev", "/proc", "/sys", "/run", "/tmp"] {
+        let target = format!("/sysroot{d}");
+        mount(
+            Some(d),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("move {d} to the new root: {e}"))?;
     }
-    if ok {
-        log(&format!(
-            "{dev}: {client}/{mask} via {}",
-            gateway.map(|g| g.to_string()).unwrap_or_else(|| "-".into())
-        ));
-        Some(client)
-    } else {
-        log(&format!(
-            "{dev}: cannot configure {spec} ({})",
-            std::io::Error::last_os_error()
-        ));
-        None
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(md) = std::fs::metadata("/") {
+        free_initramfs(Path::new("/"), md.dev());
+    }
+    std::env::set_current_dir("/sysroot").map_err(|e| format!("chdir /sysroot: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move the new root to /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    log(&format!(
+        "root: slot {slot} ({}, squashfs, read-only)",
+        part.dev.display()
+    ));
+    Ok(())
+}
+
+/// The writable places of a read-only root: /system (machined's files
+/// and /etc's links) is RAM; STATE and /var are mounted by machined.
+fn mount_system() {
+    mount_fs(
+        "tmpfs",
+        "/system",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    // Defaults until machined writes the real ones (etcd resolves
+    // `localhost` through /etc/hosts).
+    let _ = std::fs::create_dir_all("/system/etc");
+    let _ = std::fs::write(
+        "/system/etc/hosts",
+        "127.0.0.1\tlocalhost\n::1\tlocalhost\n",
+    );
+    let _ = std::fs::write("/system/etc/resolv.conf", "");
+    let _ = std::fs::write("/system/etc/hostname", "node\n");
+}
+
+/// Stops what is left, flushes and unmounts the data partitions, so that a
+/// reboot never leaves STATE or EPHEMERAL dirty.
+fn stop_everything() {
+    // machined stopped the services; anything left gets TERM, then KILL.
+    let _ = nix::sys::signal::kill(Pid::from_raw(-1), nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        reap(None);
+        if matches!(
+            waitpid(None, Some(WaitPidFlag::WNOHANG)),
+            Err(nix::errno::Errno::ECHILD)
+        ) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = nix::sys::signal::kill(Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
+    reap(None);
+    nix::unistd::sync();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut targets: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            matches!(fstype, "ext4" | "xfs" | "vfat")
+                .then(|| left.split_whitespace().nth(4))
+                .flatten()
+        })
+        .collect();
+    targets.reverse(); // deepest (most recent) first
+    for t in targets {
+        if let Err(e) = umount2(t, MntFlags::empty()) {
+            log(&format!("unmount {t}: {e}; remounting read-only"));
+            let _ = mount(
+                None::<&str>,
+                t,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            );
+        }
     }
 }
 
@@ -228,7 +303,7 @@ fn cmdline_has(word: &str) -> bool {
 }
 
 fn power(mode: RebootMode) -> ! {
-    nix::unistd::sync();
+    stop_everything();
     log(match mode {
         RebootMode::RB_AUTOBOOT => "rebooting",
         _ => "powering off",
@@ -257,7 +332,7 @@ fn reap(machined: Option<Pid>) -> Option<i32> {
     }
 }
 
-fn start_machined(node_ip: Option<std::net::Ipv4Addr>) -> Option<Pid> {
+fn start_machined() -> Option<Pid> {
     if !Path::new(MACHINED).exists() {
         log("no machined in this image");
         return None;
@@ -266,9 +341,6 @@ fn start_machined(node_ip: Option<std::net::Ipv4Addr>) -> Option<Pid> {
     // The kernel starts PID 1 with no PATH; machined finds etcd,
     // containerd and runc through it.
     cmd.env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    if let Some(ip) = node_ip {
-        cmd.args(["--node-ip", &ip.to_string()]);
-    }
     match cmd.spawn() {
         Ok(child) => {
             let pid = Pid::from_raw(child.id() as i32);
@@ -289,16 +361,41 @@ fn main() {
         eprintln!("init: must run as PID 1 (this is the node's init, not a tool)");
         std::process::exit(2);
     }
+    let handoff = uptime();
     mount_all();
     log("init started");
     load_modules();
+    if let Some(slot) = cmdline_value("slot") {
+        if let Err(e) = switch_root(&slot) {
+            // Without its root the node cannot run machined: say why on the
+            // console, then reboot so systemd-boot counts this try down and
+            // falls back to the other slot.
+            log(&format!(
+                "cannot switch to slot {slot}: {e}; rebooting in 10 s"
+            ));
+            std::thread::sleep(Duration::from_secs(10));
+            power(RebootMode::RB_AUTOBOOT);
+        }
+    }
+    mount_system();
+    let timeline = Timeline::new("/run/machined/timeline");
+    timeline.mark_at(
+        handoff.parse().unwrap_or(0.0),
+        "kernel handed over to init",
+        "",
+    );
+    timeline.mark(
+        "root ready",
+        &cmdline_value("slot")
+            .map(|s| format!("slot {s} (squashfs)"))
+            .unwrap_or_else(|| "initramfs".into()),
+    );
     loopback_up();
-    let node_ip = configure_ip_from_cmdline();
     if cmdline_has("init.test=poweroff") {
         log("boot test: init reached; powering off");
         power(RebootMode::RB_POWER_OFF);
     }
-    let mut machined = start_machined(node_ip);
+    let mut machined = start_machined();
     let mut last_start = Instant::now();
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -318,7 +415,7 @@ fn main() {
                     } else {
                         (backoff * 2).min(Duration::from_secs(30))
                     };
-                    machined = start_machined(node_ip);
+                    machined = start_machined();
                     last_start = Instant::now();
                 }
             }

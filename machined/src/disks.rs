@@ -1,0 +1,359 @@
+//! The node's data partitions, found by GPT partition name:
+//! - STATE (the machine config, last-known-good, try state) at /system/state;
+//! - EPHEMERAL (etcd data, containerd, logs) at /var, grown on first boot to
+//!   fill the disk, so an image flashed onto a bigger disk uses all of it.
+//!
+//! Both are ext4, made by the image's `mke2fs` on first boot (a blank
+//! partition has no ext4 magic). A partition that fails to format or mount
+//! is reported and the node runs from RAM instead: it stays reachable in
+//! maintenance mode rather than bricked.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+use tracing::info;
+
+/// Errors of one partition step.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("formatting {0} failed: {1}")]
+    Format(PathBuf, String),
+    #[error("mounting {0} on {1}: {2}")]
+    Mount(PathBuf, PathBuf, nix::errno::Errno),
+    #[error("growing {0}: {1}")]
+    Grow(PathBuf, String),
+}
+
+/// A partition the kernel knows about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partition {
+    /// e.g. /dev/vda5
+    pub dev: PathBuf,
+    /// The whole disk, e.g. /dev/vda
+    pub disk: PathBuf,
+    /// 1-based partition number
+    pub number: u32,
+}
+
+/// Reads `KEY=VALUE` lines of a sysfs uevent file.
+fn uevent_value(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_owned)
+}
+
+/// Finds a partition by GPT name through sysfs.
+pub fn find(sys_block: &Path, name: &str) -> Option<Partition> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(sys_block).ok()?.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("uevent")) else {
+            continue;
+        };
+        if uevent_value(&text, "PARTNAME").as_deref() != Some(name) {
+            continue;
+        }
+        let (Some(dev), Some(number)) = (
+            uevent_value(&text, "DEVNAME"),
+            uevent_value(&text, "PARTN").and_then(|n| n.parse().ok()),
+        ) else {
+            continue;
+        };
+        // /sys/class/block/vda5 -> .../block/vda/vda5: the parent is the disk.
+        let Some(disk) = std::fs::canonicalize(entry.path())
+            .ok()
+            .and_then(|p| p.parent()?.file_name().map(|n| n.to_owned()))
+        else {
+            continue;
+        };
+        found.push(Partition {
+            dev: Path::new("/dev").join(dev),
+            disk: Path::new("/dev").join(disk),
+            number,
+        });
+    }
+    // Deterministic when two disks carry the label: the first by name.
+    found.sort_by(|a, b| a.dev.cmp(&b.dev));
+    found.into_iter().next()
+}
+
+/// True when the device holds an ext2/3/4 superblock.
+pub fn has_ext4(dev: &Path) -> Result<bool, DiskError> {
+    let f = File::open(dev).map_err(|e| DiskError::Io(dev.to_owned(), e))?;
+    let mut magic = [0u8; 2];
+    match f.read_exact_at(&mut magic, 1024 + 56) {
+        Ok(()) => Ok(magic == [0x53, 0xEF]),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(DiskError::Io(dev.to_owned(), e)),
+    }
+}
+
+/// Makes an ext4 filesystem with the image's mke2fs.
+pub fn format_ext4(dev: &Path, label: &str) -> Result<(), DiskError> {
+    let mke2fs = crate::paths::find_binary(None, "mke2fs")
+        .or_else(|| crate::paths::find_binary(None, "mkfs.ext4"))
+        .ok_or_else(|| {
+            DiskError::Format(
+                dev.to_owned(),
+                "no mke2fs in this image (add e2fsprogs to the image profile)".into(),
+            )
+        })?;
+    let out = std::process::Command::new(mke2fs)
+        .args(["-t", "ext4", "-F", "-q", "-m", "0", "-L", label])
+        // Lazy init: the kernel zeroes inode tables in the background, so a
+        // first boot does not wait for the whole partition to be written.
+        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+        .arg(dev)
+        .output()
+        .map_err(|e| DiskError::Format(dev.to_owned(), e.to_string()))?;
+    if !out.status.success() {
+        return Err(DiskError::Format(
+            dev.to_owned(),
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// True when something is mounted exactly at `target`.
+pub fn is_mounted(target: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.split_whitespace().nth(4).map(Path::new) == Some(target))
+        })
+        .unwrap_or(false)
+}
+
+fn mount_ext4(dev: &Path, target: &Path) -> Result<(), DiskError> {
+    std::fs::create_dir_all(target).map_err(|e| DiskError::Io(target.to_owned(), e))?;
+    mount(
+        Some(dev),
+        target,
+        Some("ext4"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
+        None::<&str>,
+    )
+    .map_err(|e| DiskError::Mount(dev.to_owned(), target.to_owned(), e))
+}
+
+/// Grows the last partition to the end of the disk: rewrites the GPT for
+/// the disk's current size (same GUIDs, same partitions, the last one
+/// longer) and tells the kernel the new size with BLKPG, which works while
+/// other partitions of the disk (the root slot) are mounted.
+/// Returns true when the partition grew.
+pub fn grow_to_disk_end(part: &Partition) -> Result<bool, DiskError> {
+    let grow = |m: String| DiskError::Grow(part.dev.clone(), m);
+    let lb = gpt::disk::LogicalBlockSize::Lb512;
+    let old = gpt::GptConfig::new()
+        .writable(false)
+        .logical_block_size(lb)
+        .open(&part.disk)
+        .map_err(|e| grow(e.to_string()))?;
+    let mut parts = old.partitions().clone();
+    let guid = *old.guid();
+    drop(old);
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&part.disk)
+        .map_err(|e| DiskError::Io(part.disk.clone(), e))?;
+    let size = dev
+        .seek(SeekFrom::End(0))
+        .map_err(|e| DiskError::Io(part.disk.clone(), e))?;
+    let total_lbs = size / 512;
+    // The backup header and a 128-entry array take the last 33 sectors.
+    let last_usable = total_lbs.saturating_sub(34);
+    let Some(p) = parts.get_mut(&part.number) else {
+        return Err(grow(format!("partition {} is not in the GPT", part.number)));
+    };
+    if p.last_lba >= last_usable {
+        return Ok(false);
+    }
+    if parts
+        .keys()
+        .any(|&k| k != part.number && parts[&k].first_lba > parts[&part.number].first_lba)
+    {
+        return Err(grow("it is not the last partition".into()));
+    }
+    if let Some(p) = parts.get_mut(&part.number) {
+        p.last_lba = last_usable;
+    }
+    dev.seek(SeekFrom::Start(0))
+        .map_err(|e| DiskError::Io(part.disk.clone(), e))?;
+    let mut fresh = gpt::GptConfig::new()
+        .writable(true)
+        .logical_block_size(lb)
+        .create_from_device(dev, Some(guid))
+        .map_err(|e| grow(e.to_string()))?;
+    fresh
+        .update_partitions(parts.clone())
+        .map_err(|e| grow(e.to_string()))?;
+    let mut dev = fresh.write().map_err(|e| grow(e.to_string()))?;
+    // The protective MBR covers the whole (new) disk.
+    let mbr =
+        gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(total_lbs - 1).unwrap_or(u32::MAX));
+    mbr.overwrite_lba0(&mut dev)
+        .map_err(|e| grow(e.to_string()))?;
+    dev.sync_all()
+        .map_err(|e| DiskError::Io(part.disk.clone(), e))?;
+    let p = &parts[&part.number];
+    blkpg_resize(
+        &dev,
+        part.number,
+        p.first_lba * 512,
+        (p.last_lba - p.first_lba + 1) * 512,
+    )
+    .map_err(|e| grow(format!("the kernel did not take the new size: {e}")))?;
+    Ok(true)
+}
+
+/// BLKPG_RESIZE_PARTITION (linux/blkpg.h), which libc does not wrap.
+fn blkpg_resize(disk: &File, number: u32, start: u64, length: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct BlkpgPartition {
+        start: i64,
+        length: i64,
+        pno: libc::c_int,
+        devname: [libc::c_char; 64],
+        volname: [libc::c_char; 64],
+    }
+    #[repr(C)]
+    struct BlkpgIoctlArg {
+        op: libc::c_int,
+        flags: libc::c_int,
+        datalen: libc::c_int,
+        data: *mut libc::c_void,
+    }
+    const BLKPG: libc::c_ulong = 0x1269;
+    const BLKPG_RESIZE_PARTITION: libc::c_int = 3;
+    let mut part = BlkpgPartition {
+        start: start as i64,
+        length: length as i64,
+        pno: number as libc::c_int,
+        devname: [0; 64],
+        volname: [0; 64],
+    };
+    let mut arg = BlkpgIoctlArg {
+        op: BLKPG_RESIZE_PARTITION,
+        flags: 0,
+        datalen: std::mem::size_of::<BlkpgPartition>() as libc::c_int,
+        data: (&mut part as *mut BlkpgPartition).cast(),
+    };
+    // SAFETY: the fd is an open block device; arg and the partition it
+    // points to are valid, correctly laid out (repr(C) after linux/blkpg.h)
+    // and outlive the call.
+    let rc = unsafe { libc::ioctl(disk.as_raw_fd(), BLKPG, &mut arg) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Formats (first boot) and mounts one partition; returns what was done.
+fn prepare_one(
+    part: &Partition,
+    label: &str,
+    target: &Path,
+    grow: bool,
+) -> Result<String, DiskError> {
+    if is_mounted(target) {
+        return Ok(format!("{label} already mounted at {}", target.display()));
+    }
+    let mut did = Vec::new();
+    if !has_ext4(&part.dev)? {
+        if grow && grow_to_disk_end(part)? {
+            did.push("grew to the end of the disk");
+        }
+        format_ext4(&part.dev, label)?;
+        did.push("formatted ext4");
+    }
+    mount_ext4(&part.dev, target)?;
+    did.push("mounted");
+    Ok(format!(
+        "{label} ({}): {} at {}",
+        part.dev.display(),
+        did.join(", "),
+        target.display()
+    ))
+}
+
+/// The STATE and EPHEMERAL steps of a node's boot. Returns one line per
+/// partition for the console and timeline, and the errors to report.
+pub fn prepare(root: &Path) -> (Vec<String>, Vec<DiskError>) {
+    let sys_block = Path::new("/sys/class/block");
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for (label, target, grow) in [
+        ("STATE", root.join("system/state"), false),
+        ("EPHEMERAL", root.join("var"), true),
+    ] {
+        match find(sys_block, label) {
+            None => done.push(format!(
+                "{label}: no partition with that name; {} is in RAM and does not survive a reboot",
+                target.display()
+            )),
+            Some(p) => match prepare_one(&p, label, &target, grow) {
+                Ok(line) => {
+                    info!("{line}");
+                    done.push(line);
+                }
+                Err(e) => errors.push(e),
+            },
+        }
+    }
+    (done, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_partition_by_name_in_a_sysfs_tree() {
+        let t = tempfile::tempdir().unwrap();
+        let devices = t.path().join("devices/virtual/block/vda");
+        for (n, name) in [(4u32, "STATE"), (5, "EPHEMERAL")] {
+            let d = devices.join(format!("vda{n}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("uevent"),
+                format!("MAJOR=254\nMINOR={n}\nDEVNAME=vda{n}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={name}\n"),
+            )
+            .unwrap();
+        }
+        let class = t.path().join("class/block");
+        std::fs::create_dir_all(&class).unwrap();
+        for n in [4, 5] {
+            std::os::unix::fs::symlink(
+                devices.join(format!("vda{n}")),
+                class.join(format!("vda{n}")),
+            )
+            .unwrap();
+        }
+        let p = find(&class, "EPHEMERAL").unwrap();
+        assert_eq!(p.dev, Path::new("/dev/vda5"));
+        assert_eq!(p.disk, Path::new("/dev/vda"));
+        assert_eq!(p.number, 5);
+        assert!(find(&class, "B").is_none());
+    }
+
+    #[test]
+    fn ext4_magic_is_recognised_in_a_file() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("blank");
+        std::fs::write(&f, vec![0u8; 4096]).unwrap();
+        assert!(!has_ext4(&f).unwrap());
+        let mut data = vec![0u8; 4096];
+        data[1080] = 0x53;
+        data[1081] = 0xEF;
+        std::fs::write(&f, data).unwrap();
+        assert!(has_ext4(&f).unwrap());
+    }
+}
