@@ -27,6 +27,9 @@ enum Command {
     Gen(cmd::gen::Gen),
     /// Check machine configs (and secrets bundles, osconfig files) offline.
     Validate(cmd::validate::Validate),
+    /// Local clusters of QEMU VMs: create, show, destroy.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::Cluster),
     /// Print generated reference material (JSON Schema, field reference).
     #[command(subcommand)]
     Docs(cmd::docs::Docs),
@@ -44,6 +47,10 @@ enum Command {
     Service(cmd::services::Service),
     /// A service's output.
     Logs(cmd::logs::Logs),
+    /// This boot's timeline: guest uptime at each phase (init, disks,
+    /// network, config, each service healthy).
+    #[command(alias = "analyze")]
+    Boot(cmd::boot::Boot),
     /// Node health; `--wait` until healthy.
     Health(cmd::health::Health),
     /// Create the etcd cluster on the first etcd node.
@@ -64,6 +71,7 @@ fn main() -> ExitCode {
         Command::Gen(g) => g.run(),
         Command::Validate(v) => v.run(),
         Command::Docs(d) => d.run(),
+        Command::Cluster(c) => c.run(),
         other => match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -92,12 +100,13 @@ async fn run_node_verb(c: Command) -> anyhow::Result<ExitCode> {
         Command::Service(s) => s.run().await,
         Command::Logs(l) => l.run().await,
         Command::Health(h) => h.run().await,
+        Command::Boot(b) => b.run().await,
         Command::Bootstrap(b) => b.run().await,
         Command::Etcd(e) => e.run().await,
         Command::Reboot(p) => p.run(cmd::power::PowerAction::Reboot).await,
         Command::Shutdown(p) => p.run(cmd::power::PowerAction::Shutdown).await,
         Command::Reset(r) => r.run().await,
-        Command::Gen(_) | Command::Validate(_) | Command::Docs(_) => {
+        Command::Gen(_) | Command::Validate(_) | Command::Docs(_) | Command::Cluster(_) => {
             unreachable!("handled in main")
         }
     }

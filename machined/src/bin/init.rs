@@ -361,8 +361,9 @@ fn main() {
         eprintln!("init: must run as PID 1 (this is the node's init, not a tool)");
         std::process::exit(2);
     }
-    let handoff = uptime();
     mount_all();
+    // Read once /proc is there: the kernel's part of the boot.
+    let handoff = uptime();
     log("init started");
     load_modules();
     if let Some(slot) = cmdline_value("slot") {

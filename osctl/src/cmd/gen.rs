@@ -127,7 +127,7 @@ pub fn load_bundle(path: &Path) -> Result<SecretsBundle> {
     }
 }
 
-fn bundle_yaml(b: &SecretsBundle) -> String {
+pub fn bundle_yaml(b: &SecretsBundle) -> String {
     serde_norway::to_string(b).expect("bundle serializes")
 }
 

@@ -1,7 +1,9 @@
 //! One module per verb.
 
 pub mod apply_config;
+pub mod boot;
 pub mod bootstrap;
+pub mod cluster;
 pub mod confirm;
 pub mod docs;
 pub mod etcd;

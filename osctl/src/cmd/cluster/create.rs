@@ -1,0 +1,512 @@
+//! `osctl cluster create`: image, VMs, configs, apply, bootstrap, wait.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use machine_api::config::generate::{machine_config, ClusterInput, DEFAULT_KUBERNETES_VERSION};
+use machine_api::config::{DnsName, Endpoint, Role};
+use machine_api::osconfig::{Context as OsContext, OsConfig};
+use machine_api::pki::bundle::{os_client_cert, OsRole, SecretsBundle};
+use sha2::{Digest, Sha256};
+
+use super::qemu::{self, Accel, VmSpec};
+use super::{ClusterState, NodeState, StateDir};
+use crate::files::{self, OutFile, SECRET};
+
+#[derive(Debug, Args)]
+pub struct Create {
+    #[command(flatten)]
+    pub dir: StateDir,
+    /// Control-plane nodes (each runs etcd; the first bootstraps it).
+    #[arg(long, default_value_t = 1)]
+    pub controlplanes: u32,
+    /// Worker nodes.
+    #[arg(long, default_value_t = 0)]
+    pub workers: u32,
+    /// A built image directory (with *-vmlinuz, *-initramfs.cpio.zst and
+    /// *-disk.raw), used as is.
+    #[arg(long, value_name = "DIR", conflicts_with = "profile")]
+    pub image: Option<PathBuf>,
+    /// Build the image from this profile with `imager` (default:
+    /// profiles/qemu.yaml when it exists here).
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Memory per VM in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    /// Virtual CPUs per VM.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Disk size per VM in GiB (EPHEMERAL grows into it on first boot).
+    #[arg(long, default_value_t = 4)]
+    pub disk_gib: u64,
+    /// Accelerator: auto uses KVM only when it answers.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: Accel,
+    /// osconfig file to add the cluster's context to (default: $OSCONFIG,
+    /// then ~/.osctl/osconfig).
+    #[arg(long, value_name = "FILE")]
+    pub osconfig: Option<PathBuf>,
+    /// Give up waiting for the cluster after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub wait: u64,
+}
+
+/// Progress lines with the time since `create` started.
+struct Progress(Instant);
+
+impl Progress {
+    fn step(&self, msg: impl AsRef<str>) {
+        eprintln!("[{:>6.1}s] {}", self.0.elapsed().as_secs_f64(), msg.as_ref());
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn random_token() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..20)
+        .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rng.random_range(0..32)]))
+        .collect()
+}
+
+/// A sibling binary (installed together), else one on PATH.
+fn sibling_or_path(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The one file in `dir` whose name ends with `suffix`.
+fn image_file(dir: &Path, suffix: &str) -> Result<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("--image {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(suffix))
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => bail!(
+            "--image {}: no *{suffix} (build one with `imager build profiles/qemu.yaml -o DIR`)",
+            dir.display()
+        ),
+        _ => bail!("--image {}: several *{suffix}; keep one image per directory", dir.display()),
+    }
+}
+
+/// Runs osctl itself (the same binary) for one step; returns its stdout.
+fn osctl(args: &[&str]) -> Result<String> {
+    let exe = std::env::current_exe().context("finding osctl")?;
+    let out = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running osctl")?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let why = if err.trim().is_empty() {
+            String::from_utf8_lossy(&out.stdout)
+        } else {
+            err
+        };
+        Err(anyhow!("{}", why.trim()))
+    }
+}
+
+/// Retries `f` every second until it succeeds or `limit` passes.
+fn retry<T>(limit: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// A banner value (`fingerprint:`) from a console log; lines end in CR LF.
+fn banner_value(console: &Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(console).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(|v| v.trim().to_owned())
+}
+
+impl Create {
+    pub fn run(self) -> Result<ExitCode> {
+        let p = Progress(Instant::now());
+        let name: DnsName = self
+            .dir
+            .name
+            .parse()
+            .map_err(|e| anyhow!("--name: {e}"))?;
+        if !name.is_label() || name.0.len() > 40 {
+            bail!("--name {:?} must be a single DNS label of at most 40 characters", name.0);
+        }
+        if self.controlplanes == 0 {
+            bail!("--controlplanes must be at least 1: the first control-plane node bootstraps etcd");
+        }
+        if self.workers > 0 {
+            bail!("--workers: worker nodes get their OS API certificate from a trust endpoint that is not built yet, and machined refuses a worker config without one; create control-plane nodes only for now (docs/troubleshooting.md)");
+        }
+        if self.controlplanes + self.workers > 200 {
+            bail!("at most 200 nodes fit the private network 10.5.0.0/24 as laid out");
+        }
+        qemu::preflight()?;
+        let dir = self.dir.dir()?;
+        if ClusterState::path(&dir).exists() {
+            bail!(
+                "cluster {} exists ({}): `osctl cluster show --name {}` or `osctl cluster destroy --name {}`",
+                name.0,
+                dir.display(),
+                name.0,
+                name.0
+            );
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        p.step(format!("cluster {} in {}", name.0, dir.display()));
+
+        let image = self.image(&dir, &p)?;
+        let kernel = image_file(&image, "-vmlinuz")?;
+        let initrd = image_file(&image, "-initramfs.cpio.zst")?;
+        let disk = image_file(&image, "-disk.raw")?;
+
+        if self.accel == Accel::Auto {
+            p.step("checking whether KVM runs a guest (cached per host boot)");
+        }
+        let accel = qemu::choose_accel(self.accel, &kernel, &initrd, &self.dir.root()?);
+        p.step(format!(
+            "accelerator: {}",
+            match accel {
+                Accel::Kvm => "KVM",
+                _ => "TCG (software; KVM is unavailable or does not answer)",
+            }
+        ));
+
+        // Secrets and one config per node.
+        let bundle = SecretsBundle::generate()?;
+        let first_ip = "10.5.0.10";
+        let input = ClusterInput {
+            name: name.clone(),
+            endpoint: Endpoint(
+                format!("https://{first_ip}:6443")
+                    .parse()
+                    .map_err(|e| anyhow!("endpoint: {e}"))?,
+            ),
+            kubernetes_version: DEFAULT_KUBERNETES_VERSION
+                .parse()
+                .map_err(|e| anyhow!("kubernetes version: {e}"))?,
+            install_disk: None,
+        };
+        let h = Sha256::digest(dir.display().to_string());
+        let mcast = format!(
+            "230.{}.{}.{}:{}",
+            h[0],
+            h[1],
+            h[2].max(1),
+            40000 + u16::from_be_bytes([h[3], h[4]]) % 20000
+        );
+        let mut out = vec![OutFile {
+            path: dir.join("secrets.yaml"),
+            contents: super::super::gen::bundle_yaml(&bundle),
+            mode: SECRET,
+        }];
+        let mut nodes = Vec::new();
+        for i in 0..self.controlplanes {
+            let ip = format!("10.5.0.{}", 10 + i);
+            let host = format!("{}-cp{}", name.0, i + 1);
+            let mut cfg = machine_config(&bundle, &input, &[Role::Controlplane, Role::Etcd]);
+            cfg.machine.hostname = Some(host.parse().map_err(|e| anyhow!("{host}: {e}"))?);
+            if i > 0 {
+                // Joiners find the cluster through the first node.
+                cfg.cluster.etcd.endpoints = vec![Endpoint(
+                    format!("https://{first_ip}:2379")
+                        .parse()
+                        .map_err(|e| anyhow!("etcd endpoint: {e}"))?,
+                )];
+            }
+            let cfg_path = dir.join(format!("{host}.yaml"));
+            out.push(OutFile {
+                path: cfg_path.clone(),
+                contents: cfg.to_yaml(),
+                mode: SECRET,
+            });
+            let node_dir = dir.join(&host);
+            nodes.push(NodeState {
+                name: host,
+                roles: vec!["controlplane".into(), "etcd".into()],
+                ip,
+                api_port: free_port()?,
+                etcd_port: free_port()?,
+                config: cfg_path,
+                console: node_dir.join("console.log"),
+                disk: node_dir.join("disk.raw"),
+                pidfile: node_dir.join("qemu.pid"),
+                qemu: Vec::new(),
+            });
+        }
+        let admin = os_client_cert(&bundle, "admin", OsRole::Admin)?;
+        let context = OsContext {
+            endpoints: nodes.iter().map(NodeState::endpoint).collect(),
+            nodes: Vec::new(),
+            ca: bundle.os_ca.crt.clone(),
+            crt: admin.cert_pem,
+            key: admin.key_pem,
+        };
+        let cluster_osconfig = dir.join("osconfig");
+        out.push(OutFile {
+            path: cluster_osconfig.clone(),
+            contents: OsConfig::single(&name.0, context.clone()).to_yaml(),
+            mode: SECRET,
+        });
+        files::write_all(&out, false)?;
+        p.step(format!(
+            "generated the cluster PKI and {} machine configs",
+            nodes.len()
+        ));
+
+        // VMs.
+        let token = random_token();
+        let mut specs = Vec::new();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            std::fs::create_dir_all(n.console.parent().unwrap_or(&dir))?;
+            qemu::sparse_copy(&disk, &n.disk, self.disk_gib << 30)
+                .with_context(|| format!("copying the disk for {}", n.name))?;
+            let spec = VmSpec {
+                name: n.name.clone(),
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                disk: n.disk.clone(),
+                cmdline: format!(
+                    "console=ttyS0 panic=-1 quiet ip={}:::255.255.255.0:{}:eth0:off ip=10.0.2.15:::255.255.255.0::eth1:off machined.token={token}",
+                    n.ip, n.name
+                ),
+                memory_mib: self.memory,
+                cpus: self.cpus,
+                accel,
+                mcast: mcast.clone(),
+                mac: format!("52:54:00:05:00:{:02x}", 10 + i),
+                api_port: n.api_port,
+                etcd_port: n.etcd_port,
+                console: n.console.clone(),
+                pidfile: n.pidfile.clone(),
+            };
+            n.qemu = std::iter::once(qemu::QEMU.to_owned())
+                .chain(
+                    spec.command()
+                        .get_args()
+                        .map(|a| a.to_string_lossy().into_owned()),
+                )
+                .collect();
+            specs.push(spec);
+        }
+        let state = ClusterState {
+            name: name.0.clone(),
+            accel,
+            image: image.clone(),
+            network: "10.5.0.0/24".into(),
+            mcast,
+            osconfig: self
+                .osconfig
+                .clone()
+                .or_else(crate::client::default_osconfig_path)
+                .ok_or_else(|| anyhow!("no HOME: pass --osconfig"))?,
+            nodes: nodes.clone(),
+        };
+        state.save(&dir)?;
+        for s in &specs {
+            let pid = s.start()?;
+            p.step(format!("started VM {} (pid {pid}), console {}", s.name, s.console.display()));
+        }
+
+        let limit = Duration::from_secs(self.wait);
+        let result = self.configure(&p, &state, &token, &cluster_osconfig, limit);
+        if let Err(e) = result {
+            eprintln!("\ncluster {} did not come up: {e:#}", name.0);
+            eprintln!("the VMs are left running for inspection; consoles:");
+            for n in &state.nodes {
+                eprintln!("  {}", n.console.display());
+            }
+            eprintln!("remove it with: osctl cluster destroy --name {}", name.0);
+            return Ok(ExitCode::FAILURE);
+        }
+
+        // The operator's osconfig gains the context (and makes it current).
+        let existing = std::fs::read_to_string(&state.osconfig).ok();
+        let mut merged = match existing.as_deref().map(OsConfig::parse) {
+            Some(Ok(c)) => c,
+            Some(Err(p)) => bail!(
+                "{} is not a valid osconfig, not adding the context to it:\n{p}\nthe cluster's own file is {}",
+                state.osconfig.display(),
+                cluster_osconfig.display()
+            ),
+            None => OsConfig::single(&name.0, context.clone()),
+        };
+        merged.merge(&name.0, context);
+        files::write_all(
+            &[OutFile {
+                path: state.osconfig.clone(),
+                contents: merged.to_yaml(),
+                mode: SECRET,
+            }],
+            true,
+        )?;
+        p.step(format!(
+            "cluster {} is healthy; context {} added to {}",
+            name.0,
+            name.0,
+            state.osconfig.display()
+        ));
+        let file = if Some(&state.osconfig) == crate::client::default_osconfig_path().as_ref() {
+            String::new()
+        } else {
+            format!(" --osconfig {}", state.osconfig.display())
+        };
+        println!(
+            "\nTry:\n  osctl health --context {n}{file}\n  osctl etcd members --context {n}{file}\n  osctl boot --context {n}{file}\n  osctl cluster show --name {n}\n  osctl cluster destroy --name {n}",
+            n = name.0
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+
+    fn image(&self, dir: &Path, p: &Progress) -> Result<PathBuf> {
+        if let Some(i) = &self.image {
+            return Ok(i.clone());
+        }
+        let profile = match &self.profile {
+            Some(pr) => pr.clone(),
+            None => {
+                let default = PathBuf::from("profiles/qemu.yaml");
+                if !default.is_file() {
+                    bail!("no image: pass --image DIR (an `imager build` output) or --profile FILE");
+                }
+                default
+            }
+        };
+        let out = dir.join("image");
+        let imager = sibling_or_path("imager");
+        p.step(format!(
+            "building the image from {} with {}",
+            profile.display(),
+            imager.display()
+        ));
+        let status = Command::new(&imager)
+            .arg("build")
+            .arg(&profile)
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .status()
+            .with_context(|| {
+                format!(
+                    "running {} (install it beside osctl, or pass --image)",
+                    imager.display()
+                )
+            })?;
+        if !status.success() {
+            bail!("imager build {} failed (see above)", profile.display());
+        }
+        Ok(out)
+    }
+
+    fn configure(
+        &self,
+        p: &Progress,
+        st: &ClusterState,
+        token: &str,
+        osconfig: &Path,
+        limit: Duration,
+    ) -> Result<()> {
+        let osconfig = osconfig.to_string_lossy().into_owned();
+        let deadline = Instant::now() + limit;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        for n in &st.nodes {
+            let fp = retry(left(), || {
+                if n.pid().is_none() {
+                    bail!("the VM of {} exited (see {})", n.name, n.console.display());
+                }
+                banner_value(&n.console, "fingerprint:")
+                    .ok_or_else(|| anyhow!("{}: no maintenance banner on {} yet", n.name, n.console.display()))
+            })?;
+            p.step(format!("{} is in maintenance mode; applying its config", n.name));
+            let ep = n.endpoint();
+            let cfg = n.config.to_string_lossy().into_owned();
+            retry(Duration::from_secs(60).min(left()), || {
+                osctl(&[
+                    "apply-config",
+                    "-n",
+                    &ep,
+                    "--insecure",
+                    "--cert-fingerprint",
+                    &fp,
+                    "--token",
+                    token,
+                    "-f",
+                    &cfg,
+                ])
+            })
+            .with_context(|| format!("applying {} to {}", cfg, n.name))?;
+        }
+        let first = st.nodes[0].endpoint();
+        retry(Duration::from_secs(120).min(left()), || {
+            osctl(&["version", "--osconfig", &osconfig, "-n", &first])
+        })
+        .context("the first node did not come back with its config")?;
+        p.step(format!("bootstrapping etcd on {}", st.nodes[0].name));
+        retry(Duration::from_secs(60).min(left()), || {
+            osctl(&["bootstrap", "--osconfig", &osconfig, "-n", &first])
+        })?;
+        let all: Vec<String> = st.nodes.iter().map(NodeState::endpoint).collect();
+        let all = all.join(",");
+        p.step("waiting for every node to be healthy");
+        let mut last = String::new();
+        retry(left(), || {
+            let r = osctl(&["health", "--osconfig", &osconfig, "-n", &all]);
+            if let Err(e) = &r {
+                let text = e.to_string();
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("error:"))
+                    .unwrap_or(text.lines().next().unwrap_or(""))
+                    .to_owned();
+                if line != last {
+                    p.step(format!("  {line}"));
+                    last = line;
+                }
+            }
+            r
+        })?;
+        let want = st.nodes.len();
+        retry(Duration::from_secs(60).min(left()), || {
+            let members = osctl(&["etcd", "members", "--osconfig", &osconfig, "-n", &first, "-o", "json"])?;
+            let v: serde_json::Value = serde_json::from_str(&members)?;
+            let n = v[0]["result"]["members"].as_array().map(Vec::len).unwrap_or(0);
+            if n == want {
+                Ok(())
+            } else {
+                bail!("etcd has {n} of {want} members")
+            }
+        })?;
+        p.step(format!("etcd has all {want} members"));
+        Ok(())
+    }
+}
