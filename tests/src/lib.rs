@@ -383,3 +383,173 @@ pub fn bootstrapped_node(tmp: &Path, ip: &str) -> (ClusterFiles, Machined) {
     files.osctl(&[ip], &["health", "--wait", "60"]).expect_ok();
     (files, node)
 }
+
+// ------------------------------------------------------------ QEMU helpers
+
+/// Builds the qemu profile's image into `out` with the workspace's imager,
+/// machined and init. None (after saying SKIPPED) when the package mirror
+/// is unreachable.
+pub fn build_qemu_image(out: &Path) -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let build = Command::new(bin("imager"))
+        .current_dir(&root)
+        .args(["build", "-q", "profiles/qemu.yaml", "-o"])
+        .arg(out)
+        .args(["--machined", bin("machined").to_str().unwrap()])
+        .args(["--init", bin("init").to_str().unwrap()])
+        .output()
+        .unwrap();
+    if !build.status.success() {
+        let err = String::from_utf8_lossy(&build.stderr);
+        if err.contains("fetching the locked packages") {
+            eprintln!("SKIPPED: the package mirror is unreachable: {err}");
+            return None;
+        }
+        panic!("image build failed: {err}");
+    }
+    Some(out.to_owned())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A banner value from a serial log (lines end with CR LF); the last one,
+/// so a reboot's new banner wins.
+pub fn console_value(log: &str, key: &str) -> Option<String> {
+    log.lines()
+        .rev()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(|v| v.trim().to_owned())
+}
+
+/// etcdctl's `ca.crt`, `client.crt`, `client.key` in `dir`, minted from
+/// the etcd CA of a secrets bundle (the cluster's, not the node's).
+pub fn etcd_client_certs(secrets_yaml: &Path, dir: &Path) -> PathBuf {
+    let bundle: machine_api::pki::bundle::SecretsBundle =
+        serde_norway::from_str(&std::fs::read_to_string(secrets_yaml).unwrap()).unwrap();
+    let ca = bundle.etcd_ca.authority("etcdCA").unwrap();
+    let client = ca
+        .issue(&machine_api::pki::kube::etcd_healthcheck_client())
+        .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("ca.crt"), &bundle.etcd_ca.crt).unwrap();
+    std::fs::write(dir.join("client.crt"), &client.cert_pem).unwrap();
+    std::fs::write(dir.join("client.key"), &client.key_pem).unwrap();
+    dir.to_owned()
+}
+
+/// A cluster made by `osctl cluster create` under a temp state dir;
+/// destroyed (VMs stopped) on drop.
+#[derive(Debug)]
+pub struct LocalCluster {
+    pub state_dir: PathBuf,
+    pub name: String,
+    pub osconfig: PathBuf,
+    pub created: Run,
+}
+
+impl LocalCluster {
+    pub fn create(tmp: &Path, name: &str, image: &Path, controlplanes: u32) -> Self {
+        let state_dir = tmp.join("clusters");
+        let osconfig = tmp.join("osconfig");
+        let created = osctl(&[
+            "cluster",
+            "create",
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--name",
+            name,
+            "--image",
+            image.to_str().unwrap(),
+            "--controlplanes",
+            &controlplanes.to_string(),
+            "--osconfig",
+            osconfig.to_str().unwrap(),
+            "--accel",
+            "tcg",
+            "--wait",
+            "400",
+        ]);
+        let c = LocalCluster {
+            state_dir,
+            name: name.into(),
+            osconfig,
+            created,
+        };
+        if !c.created.ok {
+            let mut consoles = String::new();
+            for n in c.nodes() {
+                let path = n["console"].as_str().unwrap_or_default();
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let tail: String = text.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
+                consoles.push_str(&format!("\n--- {path}\n{tail}"));
+            }
+            panic!("cluster create failed:\n{}{consoles}", c.created.text());
+        }
+        c
+    }
+    pub fn dir(&self) -> PathBuf {
+        self.state_dir.join(&self.name)
+    }
+    /// cluster.json's nodes.
+    pub fn nodes(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir().join("cluster.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["nodes"].as_array().cloned())
+            .unwrap_or_default()
+    }
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes()[i]["api_port"])
+    }
+    pub fn etcd_endpoint(&self, i: usize) -> String {
+        format!("https://127.0.0.1:{}", self.nodes()[i]["etcd_port"])
+    }
+    pub fn pid(&self, i: usize) -> Option<i32> {
+        let p = self.nodes()[i]["pidfile"].as_str()?.to_owned();
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    }
+    /// Restarts a stopped VM with the exact command the cluster recorded.
+    pub fn restart_vm(&self, i: usize) {
+        let cmd: Vec<String> = self.nodes()[i]["qemu"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect();
+        let out = Command::new(&cmd[0]).args(&cmd[1..]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    /// osctl with this cluster's context and nodes.
+    pub fn osctl(&self, nodes: &[usize], args: &[&str]) -> Run {
+        let nodes: Vec<String> = nodes.iter().map(|i| self.endpoint(*i)).collect();
+        let nodes = nodes.join(",");
+        let mut a: Vec<&str> = args.to_vec();
+        let osconfig = self.osconfig.to_str().unwrap().to_owned();
+        a.extend(["--osconfig", &osconfig, "--context", &self.name, "-n", &nodes]);
+        osctl(&a)
+    }
+    pub fn console(&self, i: usize) -> String {
+        std::fs::read_to_string(self.nodes()[i]["console"].as_str().unwrap()).unwrap_or_default()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = osctl(&[
+            "cluster",
+            "destroy",
+            "--state-dir",
+            self.state_dir.to_str().unwrap(),
+            "--name",
+            &self.name,
+        ]);
+    }
+}

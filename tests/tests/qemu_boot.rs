@@ -13,7 +13,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use node_tests::{bin, osctl, require, wait_until, ClusterFiles};
+use node_tests::{
+    build_qemu_image, console_value as banner, etcd_client_certs, free_port, osctl, require,
+    wait_until, ClusterFiles,
+};
 
 struct Vm(Child);
 
@@ -24,49 +27,13 @@ impl Drop for Vm {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A banner value from the serial log (the console ends lines with CR LF).
-fn banner(log: &str, key: &str) -> Option<String> {
-    log.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .map(|v| v.trim().to_owned())
-}
-
 #[test]
 fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
     require!("qemu-system-x86_64", "etcdctl");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("image");
-    let build = Command::new(bin("imager"))
-        .current_dir(&root)
-        .args([
-            "build",
-            "-q",
-            "profiles/qemu.yaml",
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--machined", bin("machined").to_str().unwrap()])
-        .args(["--init", bin("init").to_str().unwrap()])
-        .output()
-        .unwrap();
-    if !build.status.success() {
-        let err = String::from_utf8_lossy(&build.stderr);
-        if err.contains("fetching the locked packages") {
-            eprintln!("SKIPPED: the package mirror is unreachable: {err}");
-            return;
-        }
-        panic!("image build failed: {err}");
-    }
+    let Some(out) = build_qemu_image(&tmp.path().join("image")) else {
+        return;
+    };
 
     let (api, etcd) = (free_port(), free_port());
     let serial = tmp.path().join("serial.log");
@@ -169,21 +136,133 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
 
     // Independent check: etcdctl over mTLS through the forwarded port, with
     // a client certificate minted from the cluster's etcd CA.
-    let bundle: machine_api::pki::bundle::SecretsBundle =
-        serde_norway::from_str(&std::fs::read_to_string(files.path("secrets.yaml")).unwrap())
-            .unwrap();
-    let ca = bundle.etcd_ca.authority("etcdCA").unwrap();
-    let client = ca
-        .issue(&machine_api::pki::kube::etcd_healthcheck_client())
-        .unwrap();
-    let certs = tmp.path().join("etcd-client");
-    std::fs::create_dir_all(&certs).unwrap();
-    std::fs::write(certs.join("ca.crt"), &bundle.etcd_ca.crt).unwrap();
-    std::fs::write(certs.join("client.crt"), &client.cert_pem).unwrap();
-    std::fs::write(certs.join("client.key"), &client.key_pem).unwrap();
+    let certs = etcd_client_certs(&files.path("secrets.yaml"), &tmp.path().join("etcd-client"));
     let endpoint = format!("https://127.0.0.1:{etcd}");
     node_tests::etcdctl(&endpoint, &certs, &["put", "booted", "yes"]).expect_ok();
     let got = node_tests::etcdctl(&endpoint, &certs, &["get", "booted", "--print-value-only"])
         .expect_ok();
     assert_eq!(got.stdout.trim(), "yes");
+}
+
+/// Boot test 2: the raw disk image boots through OVMF and systemd-boot;
+/// init switches to slot A's squashfs; machined formats STATE and
+/// EPHEMERAL (grown to the bigger disk) and gets its address by DHCP.
+/// After apply, bootstrap and a reboot the config is still there, and a
+/// key written to etcd before the reboot is read after it.
+#[test]
+fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() {
+    require!("qemu-system-x86_64", "etcdctl");
+    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    let vars_template = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
+    if !code.exists() || !vars_template.exists() {
+        eprintln!("SKIPPED: OVMF is not installed (apt-get install ovmf)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(image) = build_qemu_image(&tmp.path().join("image")) else {
+        return;
+    };
+    // The node's own disk: a copy, bigger than the image, so EPHEMERAL grows.
+    let disk = tmp.path().join("disk.raw");
+    let cp = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(image.join("qemu-disk.raw"))
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(3 << 30)
+        .unwrap();
+    let vars = tmp.path().join("vars.fd");
+    std::fs::copy(vars_template, &vars).unwrap();
+
+    let (api, etcd) = (free_port(), free_port());
+    let serial = tmp.path().join("serial.log");
+    // No -no-reboot: `osctl reboot` must come back through the firmware.
+    let _vm = Vm(Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "1536", "-smp", "2"])
+        .args(["-display", "none", "-monitor", "none", "-nodefaults"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,readonly=on,file={}", code.display()))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw", disk.display()))
+        .args([
+            "-netdev",
+            &format!(
+                "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{api}-:50000,hostfwd=tcp:127.0.0.1:{etcd}-:2379"
+            ),
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let log = || std::fs::read_to_string(&serial).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(240),
+        "the maintenance banner after a UEFI disk boot",
+        || banner(&log(), "token:").is_some(),
+    );
+    let text = log();
+    assert!(text.contains("root: slot A"), "init did not switch to slot A:\n{text}");
+    assert!(text.contains("grew to the end of the disk"), "{text}");
+    assert!(text.contains("DHCP lease 10.0.2.15/24"), "{text}");
+    let fp = banner(&text, "fingerprint:").unwrap();
+    let token = banner(&text, "token:").unwrap();
+    let node = format!("127.0.0.1:{api}");
+
+    let files = ClusterFiles::generate(&tmp.path().join("cluster"), "10.0.2.15");
+    let cfg = files.node_config("vm.yaml", "disk-1", "");
+    wait_until(Duration::from_secs(30), "the maintenance API", || {
+        node_tests::apply_insecure(&node, &fp, &token, &cfg).ok
+    });
+    wait_until(Duration::from_secs(60), "the configured API", || {
+        files.osctl(&[&node], &["version"]).ok
+    });
+    files.osctl(&[&node], &["bootstrap"]).expect_ok();
+    files
+        .osctl(&[&node], &["health", "--wait", "180"])
+        .expect_ok();
+    let certs = etcd_client_certs(&files.path("secrets.yaml"), &tmp.path().join("etcd-client"));
+    let endpoint = format!("https://127.0.0.1:{etcd}");
+    node_tests::etcdctl(&endpoint, &certs, &["put", "before-reboot", "kept"]).expect_ok();
+    let timeline = files.osctl(&[&node], &["boot"]).expect_ok();
+    assert!(
+        timeline.stdout.contains("disks ready") && timeline.stdout.contains("etcd healthy"),
+        "{}",
+        timeline.text()
+    );
+
+    // Reboot: services stop, init unmounts, the firmware boots slot A again.
+    let boots_before = log().matches("init started").count();
+    files.osctl(&[&node], &["reboot"]).expect_ok();
+    wait_until(Duration::from_secs(240), "the node to boot again", || {
+        log().matches("init started").count() > boots_before
+    });
+    wait_until(Duration::from_secs(180), "the configured API after reboot", || {
+        files.osctl(&[&node], &["version"]).ok
+    });
+    let after = log();
+    let second_boot = &after[after.rfind("init started").unwrap()..];
+    assert!(
+        !second_boot.contains("formatted ext4"),
+        "the second boot formatted a partition again:\n{second_boot}"
+    );
+    let cfg = files.osctl(&[&node], &["get", "config"]).expect_ok();
+    assert!(cfg.stdout.contains("disk-1"), "{}", cfg.text());
+    files
+        .osctl(&[&node], &["health", "--wait", "180"])
+        .expect_ok();
+    let got = node_tests::etcdctl(&endpoint, &certs, &["get", "before-reboot", "--print-value-only"])
+        .expect_ok();
+    assert_eq!(got.stdout.trim(), "kept");
 }
