@@ -211,6 +211,7 @@ impl Node {
             paths: self.opts.paths.clone(),
             bin_dir: self.opts.bin_dir.clone(),
             node: self.identity_for(Some(cfg)),
+            host_mode: self.opts.host_mode,
         }
     }
 

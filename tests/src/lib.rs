@@ -488,7 +488,14 @@ impl LocalCluster {
             for n in c.nodes() {
                 let path = n["console"].as_str().unwrap_or_default();
                 let text = std::fs::read_to_string(path).unwrap_or_default();
-                let tail: String = text.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(3000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
                 consoles.push_str(&format!("\n--- {path}\n{tail}"));
             }
             panic!("cluster create failed:\n{}{consoles}", c.created.text());
@@ -525,7 +532,11 @@ impl LocalCluster {
             .map(|a| a.as_str().unwrap().to_owned())
             .collect();
         let out = Command::new(&cmd[0]).args(&cmd[1..]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     /// osctl with this cluster's context and nodes.
     pub fn osctl(&self, nodes: &[usize], args: &[&str]) -> Run {
@@ -533,7 +544,14 @@ impl LocalCluster {
         let nodes = nodes.join(",");
         let mut a: Vec<&str> = args.to_vec();
         let osconfig = self.osconfig.to_str().unwrap().to_owned();
-        a.extend(["--osconfig", &osconfig, "--context", &self.name, "-n", &nodes]);
+        a.extend([
+            "--osconfig",
+            &osconfig,
+            "--context",
+            &self.name,
+            "-n",
+            &nodes,
+        ]);
         osctl(&a)
     }
     pub fn console(&self, i: usize) -> String {

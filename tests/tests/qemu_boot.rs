@@ -213,7 +213,10 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
         || banner(&log(), "token:").is_some(),
     );
     let text = log();
-    assert!(text.contains("root: slot A"), "init did not switch to slot A:\n{text}");
+    assert!(
+        text.contains("root: slot A"),
+        "init did not switch to slot A:\n{text}"
+    );
     assert!(text.contains("grew to the end of the disk"), "{text}");
     assert!(text.contains("DHCP lease 10.0.2.15/24"), "{text}");
     let fp = banner(&text, "fingerprint:").unwrap();
@@ -248,9 +251,11 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     wait_until(Duration::from_secs(240), "the node to boot again", || {
         log().matches("init started").count() > boots_before
     });
-    wait_until(Duration::from_secs(180), "the configured API after reboot", || {
-        files.osctl(&[&node], &["version"]).ok
-    });
+    wait_until(
+        Duration::from_secs(180),
+        "the configured API after reboot",
+        || files.osctl(&[&node], &["version"]).ok,
+    );
     let after = log();
     let second_boot = &after[after.rfind("init started").unwrap()..];
     assert!(
@@ -262,7 +267,11 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     files
         .osctl(&[&node], &["health", "--wait", "180"])
         .expect_ok();
-    let got = node_tests::etcdctl(&endpoint, &certs, &["get", "before-reboot", "--print-value-only"])
-        .expect_ok();
+    let got = node_tests::etcdctl(
+        &endpoint,
+        &certs,
+        &["get", "before-reboot", "--print-value-only"],
+    )
+    .expect_ok();
     assert_eq!(got.stdout.trim(), "kept");
 }

@@ -34,15 +34,25 @@ fn three_vms_form_etcd_survive_losing_one_and_it_rejoins() {
 
     let m = c.osctl(&[0], &["etcd", "members"]).expect_ok();
     for ip in ["10.5.0.10", "10.5.0.11", "10.5.0.12"] {
-        assert!(m.stdout.contains(&format!("https://{ip}:2380")), "{}", m.text());
+        assert!(
+            m.stdout.contains(&format!("https://{ip}:2380")),
+            "{}",
+            m.text()
+        );
     }
-    let certs = etcd_client_certs(&c.dir().join("secrets.yaml"), &tmp.path().join("etcd-client"));
+    let certs = etcd_client_certs(
+        &c.dir().join("secrets.yaml"),
+        &tmp.path().join("etcd-client"),
+    );
     etcdctl(&c.etcd_endpoint(0), &certs, &["put", "k0", "three"]).expect_ok();
 
     // Kill the third VM outright: no shutdown, like a power cut.
     let pid = c.pid(2).unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     wait_until(Duration::from_secs(10), "the VM to die", || {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     });
@@ -54,20 +64,35 @@ fn three_vms_form_etcd_survive_losing_one_and_it_rejoins() {
     // Restart it from its disk: config and etcd data are on STATE and
     // EPHEMERAL, so it comes back configured and catches up.
     c.restart_vm(2);
-    wait_until(Duration::from_secs(240), "the restarted node to be healthy", || {
-        c.osctl(&[2], &["health"]).ok
-    });
-    wait_until(Duration::from_secs(60), "the rejoined member to serve k1", || {
-        etcdctl(&c.etcd_endpoint(2), &certs, &["get", "k1", "--print-value-only"])
+    wait_until(
+        Duration::from_secs(240),
+        "the restarted node to be healthy",
+        || c.osctl(&[2], &["health"]).ok,
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the rejoined member to serve k1",
+        || {
+            etcdctl(
+                &c.etcd_endpoint(2),
+                &certs,
+                &["get", "k1", "--print-value-only"],
+            )
             .stdout
             .trim()
-            == "two-of-three"
-    });
+                == "two-of-three"
+        },
+    );
     let console = c.console(2);
     let second = &console[console.rfind("init started").unwrap()..];
     assert!(!second.contains("maintenance: no config yet"), "{second}");
     let m = c.osctl(&[0], &["etcd", "members"]).expect_ok();
-    assert_eq!(m.stdout.matches("started").count(), 3, "{}", m.text());
+    assert_eq!(m.stdout.matches("three-cp").count(), 3, "{}", m.text());
+    assert!(
+        !m.stdout.contains("true"),
+        "a member is still a learner: {}",
+        m.text()
+    );
 }
 
 #[test]
@@ -78,7 +103,10 @@ fn running_node_refuses_a_bad_config_and_a_breaking_try_rolls_back() {
         return;
     };
     let c = LocalCluster::create(tmp.path(), "one", &image, 1);
-    let certs = etcd_client_certs(&c.dir().join("secrets.yaml"), &tmp.path().join("etcd-client"));
+    let certs = etcd_client_certs(
+        &c.dir().join("secrets.yaml"),
+        &tmp.path().join("etcd-client"),
+    );
     etcdctl(&c.etcd_endpoint(0), &certs, &["put", "before", "1"]).expect_ok();
     let cfg_path = c.dir().join("one-cp1.yaml");
     let good = std::fs::read_to_string(&cfg_path).unwrap();
@@ -95,7 +123,11 @@ fn running_node_refuses_a_bad_config_and_a_breaking_try_rolls_back() {
     let r = c
         .osctl(&[0], &["apply-config", "-f", bad.to_str().unwrap()])
         .expect_err("machine.roles");
-    assert!(r.text().contains("cluster.network.podCIDRs"), "{}", r.text());
+    assert!(
+        r.text().contains("cluster.network.podCIDRs"),
+        "{}",
+        r.text()
+    );
     c.osctl(&[0], &["health"]).expect_ok();
 
     // A try that breaks etcd rolls back on its own, long before its timeout.
@@ -109,23 +141,39 @@ fn running_node_refuses_a_bad_config_and_a_breaking_try_rolls_back() {
     let t = c
         .osctl(
             &[0],
-            &["apply-config", "-f", broken.to_str().unwrap(), "--mode", "try", "--try-timeout", "300"],
+            &[
+                "apply-config",
+                "-f",
+                broken.to_str().unwrap(),
+                "--mode",
+                "try",
+                "--try-timeout",
+                "300",
+            ],
         )
         .expect_ok();
     assert!(t.stdout.contains("trying"), "{}", t.text());
-    wait_until(Duration::from_secs(180), "the broken try to roll back", || {
-        let cfg = c.osctl(&[0], &["get", "config"]);
-        cfg.ok && !cfg.stdout.contains("heartbeat-interval")
-    });
+    wait_until(
+        Duration::from_secs(180),
+        "the broken try to roll back",
+        || {
+            let cfg = c.osctl(&[0], &["get", "config"]);
+            cfg.ok && !cfg.stdout.contains("heartbeat-interval")
+        },
+    );
     let h = c.osctl(&[0], &["health", "--wait", "120"]).expect_ok();
     assert!(h.ok, "{}", h.text());
     let ev = c.osctl(&[0], &["health", "-o", "json"]).expect_ok();
     assert!(ev.stdout.contains("rolled back"), "{}", ev.text());
     assert_eq!(
-        etcdctl(&c.etcd_endpoint(0), &certs, &["get", "before", "--print-value-only"])
-            .expect_ok()
-            .stdout
-            .trim(),
+        etcdctl(
+            &c.etcd_endpoint(0),
+            &certs,
+            &["get", "before", "--print-value-only"]
+        )
+        .expect_ok()
+        .stdout
+        .trim(),
         "1"
     );
 }

@@ -145,7 +145,12 @@ fn base_config(
         })
     };
     let mut listen_client = vec![client_url(ip)];
-    if !ip.is_loopback() {
+    if !ctx.host_mode {
+        // A node serves clients on every address it has (the API server on
+        // loopback, operators on any interface); client certificates from
+        // the etcd CA are required on all of them.
+        listen_client = vec!["https://0.0.0.0:2379".into()];
+    } else if !ip.is_loopback() {
         // Local clients (kube-apiserver, etcdctl on the node) use loopback.
         listen_client.push("https://127.0.0.1:2379".into());
     }

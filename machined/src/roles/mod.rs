@@ -42,6 +42,9 @@ pub struct RoleContext {
     pub paths: Paths,
     pub bin_dir: Option<PathBuf>,
     pub node: NodeIdentity,
+    /// Host mode: several nodes share one host, so services bind only
+    /// their node's address; a real node binds all of its addresses.
+    pub host_mode: bool,
 }
 
 impl RoleContext {

@@ -60,12 +60,18 @@ struct Progress(Instant);
 
 impl Progress {
     fn step(&self, msg: impl AsRef<str>) {
-        eprintln!("[{:>6.1}s] {}", self.0.elapsed().as_secs_f64(), msg.as_ref());
+        eprintln!(
+            "[{:>6.1}s] {}",
+            self.0.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
     }
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn random_token() -> String {
@@ -104,7 +110,10 @@ fn image_file(dir: &Path, suffix: &str) -> Result<PathBuf> {
             "--image {}: no *{suffix} (build one with `imager build profiles/qemu.yaml -o DIR`)",
             dir.display()
         ),
-        _ => bail!("--image {}: several *{suffix}; keep one image per directory", dir.display()),
+        _ => bail!(
+            "--image {}: several *{suffix}; keep one image per directory",
+            dir.display()
+        ),
     }
 }
 
@@ -154,16 +163,17 @@ fn banner_value(console: &Path, key: &str) -> Option<String> {
 impl Create {
     pub fn run(self) -> Result<ExitCode> {
         let p = Progress(Instant::now());
-        let name: DnsName = self
-            .dir
-            .name
-            .parse()
-            .map_err(|e| anyhow!("--name: {e}"))?;
+        let name: DnsName = self.dir.name.parse().map_err(|e| anyhow!("--name: {e}"))?;
         if !name.is_label() || name.0.len() > 40 {
-            bail!("--name {:?} must be a single DNS label of at most 40 characters", name.0);
+            bail!(
+                "--name {:?} must be a single DNS label of at most 40 characters",
+                name.0
+            );
         }
         if self.controlplanes == 0 {
-            bail!("--controlplanes must be at least 1: the first control-plane node bootstraps etcd");
+            bail!(
+                "--controlplanes must be at least 1: the first control-plane node bootstraps etcd"
+            );
         }
         if self.workers > 0 {
             bail!("--workers: worker nodes get their OS API certificate from a trust endpoint that is not built yet, and machined refuses a worker config without one; create control-plane nodes only for now (docs/troubleshooting.md)");
@@ -335,7 +345,11 @@ impl Create {
         state.save(&dir)?;
         for s in &specs {
             let pid = s.start()?;
-            p.step(format!("started VM {} (pid {pid}), console {}", s.name, s.console.display()));
+            p.step(format!(
+                "started VM {} (pid {pid}), console {}",
+                s.name,
+                s.console.display()
+            ));
         }
 
         let limit = Duration::from_secs(self.wait);
@@ -397,7 +411,9 @@ impl Create {
             None => {
                 let default = PathBuf::from("profiles/qemu.yaml");
                 if !default.is_file() {
-                    bail!("no image: pass --image DIR (an `imager build` output) or --profile FILE");
+                    bail!(
+                        "no image: pass --image DIR (an `imager build` output) or --profile FILE"
+                    );
                 }
                 default
             }
@@ -444,10 +460,18 @@ impl Create {
                 if n.pid().is_none() {
                     bail!("the VM of {} exited (see {})", n.name, n.console.display());
                 }
-                banner_value(&n.console, "fingerprint:")
-                    .ok_or_else(|| anyhow!("{}: no maintenance banner on {} yet", n.name, n.console.display()))
+                banner_value(&n.console, "fingerprint:").ok_or_else(|| {
+                    anyhow!(
+                        "{}: no maintenance banner on {} yet",
+                        n.name,
+                        n.console.display()
+                    )
+                })
             })?;
-            p.step(format!("{} is in maintenance mode; applying its config", n.name));
+            p.step(format!(
+                "{} is in maintenance mode; applying its config",
+                n.name
+            ));
             let ep = n.endpoint();
             let cfg = n.config.to_string_lossy().into_owned();
             retry(Duration::from_secs(60).min(left()), || {
@@ -497,9 +521,21 @@ impl Create {
         })?;
         let want = st.nodes.len();
         retry(Duration::from_secs(60).min(left()), || {
-            let members = osctl(&["etcd", "members", "--osconfig", &osconfig, "-n", &first, "-o", "json"])?;
+            let members = osctl(&[
+                "etcd",
+                "members",
+                "--osconfig",
+                &osconfig,
+                "-n",
+                &first,
+                "-o",
+                "json",
+            ])?;
             let v: serde_json::Value = serde_json::from_str(&members)?;
-            let n = v[0]["result"]["members"].as_array().map(Vec::len).unwrap_or(0);
+            let n = v[0]["result"]["members"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0);
             if n == want {
                 Ok(())
             } else {

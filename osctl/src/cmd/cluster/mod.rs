@@ -52,9 +52,7 @@ impl StateDir {
         self.state_dir
             .clone()
             .or_else(|| std::env::var_os("OSCTL_CLUSTERS").map(PathBuf::from))
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".osctl/clusters"))
-            })
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".osctl/clusters")))
             .ok_or_else(|| anyhow!("no HOME: pass --state-dir"))
     }
 
@@ -110,9 +108,14 @@ impl ClusterState {
 
     pub fn load(dir: &Path) -> Result<Self> {
         let p = Self::path(dir);
-        let text = std::fs::read_to_string(&p)
-            .with_context(|| format!("{}: no such cluster (create it with `osctl cluster create`)", dir.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a cluster state file", p.display()))
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "{}: no such cluster (create it with `osctl cluster create`)",
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a cluster state file", p.display()))
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {

@@ -27,7 +27,9 @@ pub fn preflight() -> Result<()> {
 }
 
 /// Which accelerator to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// KVM when it answers within 3 s, else TCG.
@@ -53,7 +55,11 @@ pub fn choose_accel(want: Accel, kernel: &Path, initrd: &Path, cache_dir: &Path)
     if let Ok(c) = std::fs::read_to_string(&cache) {
         if let Some((id, answer)) = c.split_once(' ') {
             if id == boot_id.trim() {
-                return if answer.trim() == "kvm" { Accel::Kvm } else { Accel::Tcg };
+                return if answer.trim() == "kvm" {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                };
             }
         }
     }
@@ -76,7 +82,9 @@ fn probe_kvm(kernel: &Path, initrd: &Path) -> bool {
     };
     let console = dir.path().join("console");
     let child = Command::new(QEMU)
-        .args(["-accel", "kvm", "-m", "512", "-display", "none", "-monitor", "none"])
+        .args([
+            "-accel", "kvm", "-m", "512", "-display", "none", "-monitor", "none",
+        ])
         .args(["-nodefaults", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
@@ -308,8 +316,14 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let joined = args.join(" ");
-        assert!(joined.contains("mcast=230.0.1.2:40000,localaddr=127.0.0.1"), "{joined}");
-        assert!(joined.contains("hostfwd=tcp:127.0.0.1:51000-:50000"), "{joined}");
+        assert!(
+            joined.contains("mcast=230.0.1.2:40000,localaddr=127.0.0.1"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("hostfwd=tcp:127.0.0.1:51000-:50000"),
+            "{joined}"
+        );
         assert!(joined.contains("-accel tcg"), "{joined}");
     }
 }
