@@ -119,6 +119,14 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
         // The banner tells operators to connect: print it once the port
         // accepts connections, not before.
         wait_listening(node.opts.listen).await;
+        node.timeline.mark(
+            "API serving",
+            if maintenance {
+                "maintenance mode"
+            } else {
+                "mutual TLS"
+            },
+        );
         banner(&node, &id, maintenance, &me.name);
         let next = tokio::select! {
             c = control.recv() => c.unwrap_or(Control::Shutdown),

@@ -23,6 +23,9 @@ pub enum Gen {
     Secrets(GenSecrets),
     /// Generate a client file with a certificate of the given role.
     Osconfig(GenOsconfig),
+    /// etcdctl's files (ca.crt, client.crt, client.key) from the cluster's
+    /// etcd CA, for checking etcd directly.
+    EtcdClient(GenEtcdClient),
 }
 
 impl Gen {
@@ -31,6 +34,7 @@ impl Gen {
             Gen::Config(c) => c.run(),
             Gen::Secrets(s) => s.run(),
             Gen::Osconfig(o) => o.run(),
+            Gen::EtcdClient(e) => e.run(),
         }
     }
 }
@@ -105,6 +109,46 @@ pub struct GenOsconfig {
     /// Replace an existing file.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GenEtcdClient {
+    /// The cluster's secrets bundle (holds the etcd CA key).
+    #[arg(long, value_name = "FILE")]
+    pub with_secrets: PathBuf,
+    /// Directory to write ca.crt, client.crt and client.key into.
+    #[arg(long, short = 'o', default_value = "etcd-client")]
+    pub output_dir: PathBuf,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl GenEtcdClient {
+    fn run(self) -> Result<ExitCode> {
+        let bundle = load_bundle(&self.with_secrets)?;
+        let ca = bundle
+            .etcd_ca
+            .authority("etcdCA")
+            .map_err(|e| anyhow!("{}: etcdCA: {e}", self.with_secrets.display()))?;
+        let spec =
+            machine_api::pki::LeafSpec::new("osctl-etcd-client", machine_api::pki::Usage::Client);
+        let leaf = ca.issue(&spec)?;
+        let d = &self.output_dir;
+        let out = [
+            ("ca.crt", bundle.etcd_ca.crt.clone(), 0o644),
+            ("client.crt", leaf.cert_pem, 0o644),
+            ("client.key", leaf.key_pem, SECRET),
+        ]
+        .map(|(n, contents, mode)| OutFile {
+            path: d.join(n),
+            contents,
+            mode,
+        });
+        files::write_all(&out, self.force)?;
+        println!("wrote {}/{{ca.crt,client.crt,client.key}}", d.display());
+        Ok(ExitCode::SUCCESS)
+    }
 }
 
 /// Loads and checks a secrets bundle.
