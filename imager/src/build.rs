@@ -439,6 +439,14 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             opts, &profile, &lock, &staging, &image, &kernel, epoch, progress,
         )?;
         outputs.push((disk.clone(), "disk"));
+        // The disk's own small initramfs, also as a file: with `slot=A` a
+        // VM boots kernel + this initrd directly and takes its root from
+        // the disk's slot A, skipping the firmware and the unpacking of the
+        // full initramfs (local clusters do this).
+        let boot_initrd = opts.output.join(format!("{name}-boot-initrd.cpio.zst"));
+        if boot_initrd.exists() {
+            outputs.push((boot_initrd, "boot-initrd"));
+        }
         if profile.outputs.contains(&OutputKind::Compressed) {
             progress.step("compressing the disk (zstd)");
             let zpath = disk.with_extension("raw.zst");
@@ -657,7 +665,7 @@ fn write_disk(
     // The disk's initramfs holds only init and the kernel modules: init
     // loads them, mounts slot A's squashfs (found by partition name) and
     // switches to it, so the root is the verified read-only slot.
-    let initrd = work.path().join("initrd");
+    let initrd = opts.output.join(format!("{name}-boot-initrd.cpio.zst"));
     let mut boot = crate::assemble::boot_initramfs(image)?;
     // init is dynamically linked: its loader and libraries come along.
     elf::close(&mut boot, staging)?;

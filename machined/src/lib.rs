@@ -6,6 +6,7 @@
 
 pub mod acquire;
 pub mod api;
+pub mod bootentry;
 pub mod disks;
 pub mod etc_files;
 pub mod net;

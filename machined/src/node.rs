@@ -269,6 +269,29 @@ impl Node {
         Ok(())
     }
 
+    /// Once per boot, on a disk boot: the API serves, so this slot's
+    /// systemd-boot entry loses its try counter.
+    pub fn mark_boot_good(&self) {
+        if self.opts.host_mode || self.timeline.has("boot entry") {
+            return;
+        }
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        match crate::bootentry::mark_good(&cmdline) {
+            None => {}
+            Some(Ok(msg)) => {
+                info!("{msg}");
+                self.timeline.mark("boot entry", &msg);
+            }
+            Some(Err(e)) => {
+                self.timeline
+                    .mark("boot entry", &format!("not marked: {e}"));
+                self.note(format!(
+                    "cannot mark the boot entry good: {e}; systemd-boot keeps counting tries down"
+                ));
+            }
+        }
+    }
+
     fn net_configured(&self) -> bool {
         self.net
             .read()

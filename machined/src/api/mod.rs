@@ -128,6 +128,7 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
             },
         );
         banner(&node, &id, maintenance, &me.name);
+        node.mark_boot_good();
         let next = tokio::select! {
             c = control.recv() => c.unwrap_or(Control::Shutdown),
             r = &mut task => {

@@ -197,7 +197,13 @@ impl Create {
 
         let image = self.image(&dir, &p)?;
         let kernel = image_file(&image, "-vmlinuz")?;
-        let initrd = image_file(&image, "-initramfs.cpio.zst")?;
+        // The disk's small initramfs with `slot=A` (root from the disk's
+        // squashfs) boots faster than the full initramfs; older images
+        // have only the latter.
+        let (initrd, slot_arg) = match image_file(&image, "-boot-initrd.cpio.zst") {
+            Ok(small) => (small, " slot=A"),
+            Err(_) => (image_file(&image, "-initramfs.cpio.zst")?, ""),
+        };
         let disk = image_file(&image, "-disk.raw")?;
 
         if self.accel == Accel::Auto {
@@ -307,7 +313,7 @@ impl Create {
                 initrd: initrd.clone(),
                 disk: n.disk.clone(),
                 cmdline: format!(
-                    "console=ttyS0 panic=-1 quiet ip={}:::255.255.255.0:{}:eth0:off ip=10.0.2.15:::255.255.255.0::eth1:off machined.token={token}",
+                    "console=ttyS0 panic=-1 quiet{slot_arg} ip={}:::255.255.255.0:{}:eth0:off ip=10.0.2.15:::255.255.255.0::eth1:off machined.token={token}",
                     n.ip, n.name
                 ),
                 memory_mib: self.memory,
