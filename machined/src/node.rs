@@ -263,6 +263,9 @@ impl Node {
             info!("adopted running services: {}", adopted.join(", "));
         }
         self.reconcile().await;
+        if self.config.read().await.is_some() {
+            self.timeline.mark("services started", "");
+        }
         if let Some(t) = self.store.pending_try().map_err(internal)? {
             self.watch_try(t);
         }

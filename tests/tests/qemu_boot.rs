@@ -186,6 +186,7 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     let _vm = Vm(Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "1536", "-smp", "2"])
         .args(["-display", "none", "-monitor", "none", "-nodefaults"])
+        .args(["-device", "virtio-rng-pci"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")
@@ -219,6 +220,11 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     );
     assert!(text.contains("grew to the end of the disk"), "{text}");
     assert!(text.contains("DHCP lease 10.0.2.15/24"), "{text}");
+    // systemd-boot's try counter is removed once the API serves.
+    wait_until(Duration::from_secs(30), "the boot entry to be marked good", || {
+        log().contains("boot entry slot-a+")
+    });
+    assert!(log().contains("marked good (slot-a.conf)"), "{}", log());
     let fp = banner(&text, "fingerprint:").unwrap();
     let token = banner(&text, "token:").unwrap();
     let node = format!("127.0.0.1:{api}");
@@ -258,6 +264,9 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     );
     let after = log();
     let second_boot = &after[after.rfind("init started").unwrap()..];
+    wait_until(Duration::from_secs(30), "the second boot's boot-entry check", || {
+        log().contains("boot entry of slot A already good")
+    });
     assert!(
         !second_boot.contains("formatted ext4"),
         "the second boot formatted a partition again:\n{second_boot}"

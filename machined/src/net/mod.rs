@@ -439,7 +439,15 @@ async fn apply_iface(
     iface: &IfacePlan,
     out: &mut Outcome,
 ) -> Result<(), NetError> {
+    let started = Instant::now();
     let link = find_link(handle, iface.name.as_deref(), Duration::from_secs(5)).await?;
+    if started.elapsed() > Duration::from_millis(200) {
+        info!(
+            "{}: the link appeared after {:.1}s",
+            link.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
     set_up(handle, &link, iface.mtu).await?;
     for a in &iface.addresses {
         add_address(handle, &link, *a).await?;

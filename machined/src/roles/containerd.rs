@@ -21,6 +21,31 @@ pub const SERVICE: &str = "containerd";
 /// The pause image kubelet's sandboxes use (Kubernetes 1.34's default).
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
 
+/// The containerd major version, remembered in `cache` per binary (size
+/// and mtime): running the 50 MB binary takes about a second under
+/// emulation, on every boot and every reconcile.
+pub fn detect_major_cached(bin: &Path, cache: &Path) -> Result<u32, String> {
+    use std::os::unix::fs::MetadataExt;
+    let key = std::fs::metadata(bin)
+        .map(|m| format!("{} {} {}", bin.display(), m.size(), m.mtime()))
+        .unwrap_or_default();
+    if let Ok(text) = std::fs::read_to_string(cache) {
+        if let Some((k, major)) = text.trim().rsplit_once(' ') {
+            if k == key {
+                if let Ok(m) = major.parse() {
+                    return Ok(m);
+                }
+            }
+        }
+    }
+    let major = detect_major(bin)?;
+    if let Some(dir) = cache.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = machine_api::atomic::write_atomic(cache, format!("{key} {major}\n").as_bytes(), 0o644);
+    Ok(major)
+}
+
 /// The containerd major version, from `containerd --version`
 /// (`containerd github.com/containerd/containerd 1.6.20~ds1 ...`).
 pub fn detect_major(bin: &Path) -> Result<u32, String> {
@@ -140,7 +165,9 @@ impl HealthCheck for ContainerdHealth {
 pub fn service(ctx: &RoleContext) -> Result<ServiceSpec, RoleError> {
     let bin = ctx.binary(SERVICE, "containerd")?;
     let runc = ctx.binary(SERVICE, "runc")?;
-    let major = detect_major(&bin).map_err(|e| RoleError::Certificates(SERVICE, e))?;
+    let cache = ctx.paths.root.join("var/lib/machined/containerd-version");
+    let major =
+        detect_major_cached(&bin, &cache).map_err(|e| RoleError::Certificates(SERVICE, e))?;
     let paths = ContainerdPaths {
         root: ctx.paths.containerd_root(),
         state: ctx.paths.containerd_state(),
@@ -182,6 +209,32 @@ pub fn service(ctx: &RoleContext) -> Result<ServiceSpec, RoleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_cache_is_used_until_the_binary_changes() {
+        let t = tempfile::tempdir().unwrap();
+        let bin = t.path().join("containerd");
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\necho 'containerd github.com/containerd/containerd 1.7.24~ds1 x'\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = t.path().join("cache/containerd-version");
+        assert_eq!(detect_major_cached(&bin, &cache).unwrap(), 1);
+        // The cached answer wins while size and mtime are unchanged.
+        let text = std::fs::read_to_string(&cache).unwrap();
+        std::fs::write(&cache, text.replace(" 1\n", " 7\n")).unwrap();
+        assert_eq!(detect_major_cached(&bin, &cache).unwrap(), 7);
+        // A different binary is run again.
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\necho 'containerd github.com/containerd/containerd v2.1.4 abc'\n",
+        )
+        .unwrap();
+        assert_eq!(detect_major_cached(&bin, &cache).unwrap(), 2);
+    }
 
     #[test]
     fn versions() {

@@ -8,12 +8,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
 
 use super::spec::HealthCheck;
 
 /// Time between checks.
 const INTERVAL: Duration = Duration::from_secs(1);
+/// Between checks until the first success.
+const STARTING_INTERVAL: Duration = Duration::from_millis(250);
 /// A check that takes longer has failed.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -44,8 +45,9 @@ impl HealthCheck for TcpConnectCheck {
     }
 }
 
-/// Runs a health check every second (the first one at once) for as long as
-/// it lives, sending each result. Dropping it stops the checks.
+/// Runs a health check at once, then every 250 ms until it first passes and
+/// every second after, for as long as it lives, sending each result.
+/// Dropping it stops the checks.
 #[derive(Debug)]
 pub(crate) struct Prober {
     task: JoinHandle<()>,
@@ -56,18 +58,26 @@ impl Prober {
     pub(crate) fn start(check: Arc<dyn HealthCheck>) -> Self {
         let (tx, results) = mpsc::channel(1);
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(INTERVAL);
-            // A slow check delays the next one instead of bunching them.
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            // Every 250 ms until the first success (a starting service is
+            // seen healthy within a quarter second, which is what boot time
+            // is made of), then every second. A slow check delays the next
+            // one instead of bunching them.
+            let mut healthy_once = false;
             loop {
-                tick.tick().await;
                 let result = match tokio::time::timeout(TIMEOUT, check.check()).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("health check timed out after {TIMEOUT:?}")),
                 };
+                healthy_once |= result.is_ok();
                 if tx.send(result).await.is_err() {
                     return;
                 }
+                tokio::time::sleep(if healthy_once {
+                    INTERVAL
+                } else {
+                    STARTING_INTERVAL
+                })
+                .await;
             }
         });
         Self { task, results }

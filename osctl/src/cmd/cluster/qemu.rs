@@ -145,6 +145,10 @@ impl VmSpec {
             .args(["-m", &self.memory_mib.to_string()])
             .args(["-smp", &self.cpus.to_string()])
             .args(["-display", "none", "-monitor", "none", "-nodefaults"])
+            // Entropy from the host: without it the guest kernel's random
+            // pool is seeded slowly under emulation, and the first key or
+            // token machined makes waits for it.
+            .args(["-device", "virtio-rng-pci"])
             .arg("-serial")
             .arg(format!("file:{}", self.console.display()))
             .arg("-kernel")
