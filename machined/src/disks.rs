@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Errors of one partition step.
 #[derive(Debug, thiserror::Error)]
@@ -287,7 +287,10 @@ fn prepare_one(
 }
 
 /// The STATE and EPHEMERAL steps of a node's boot. Returns one line per
-/// partition for the console and timeline, and the errors to report.
+/// partition for the console and timeline, and the errors to report. A
+/// partition that is missing or fails gets a tmpfs in its place: the root
+/// is read-only, and a node running from RAM stays reachable (maintenance
+/// mode, `osctl`) where one without a writable /var would not start.
 pub fn prepare(root: &Path) -> (Vec<String>, Vec<DiskError>) {
     let sys_block = Path::new("/sys/class/block");
     let mut done = Vec::new();
@@ -296,18 +299,42 @@ pub fn prepare(root: &Path) -> (Vec<String>, Vec<DiskError>) {
         ("STATE", root.join("system/state"), false),
         ("EPHEMERAL", root.join("var"), true),
     ] {
-        match find(sys_block, label) {
-            None => done.push(format!(
-                "{label}: no partition with that name; {} is in RAM and does not survive a reboot",
-                target.display()
-            )),
-            Some(p) => match prepare_one(&p, label, &target, grow) {
-                Ok(line) => {
-                    info!("{line}");
-                    done.push(line);
+        let outcome = match find(sys_block, label) {
+            None => Err(None),
+            Some(p) => prepare_one(&p, label, &target, grow).map_err(Some),
+        };
+        match outcome {
+            Ok(line) => {
+                info!("{line}");
+                done.push(line);
+            }
+            Err(e) => {
+                let why = match &e {
+                    None => "no partition with that name".to_owned(),
+                    Some(e) => e.to_string(),
+                };
+                let line = format!(
+                    "{label}: {why}; {} is in RAM and does not survive a reboot",
+                    target.display()
+                );
+                warn!("{line}");
+                done.push(line);
+                if let Some(e) = e {
+                    errors.push(e);
                 }
-                Err(e) => errors.push(e),
-            },
+                if !is_mounted(&target) {
+                    let _ = std::fs::create_dir_all(&target);
+                    if let Err(e) = mount(
+                        Some("tmpfs"),
+                        &target,
+                        Some("tmpfs"),
+                        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                        Some("mode=0755"),
+                    ) {
+                        errors.push(DiskError::Mount("tmpfs".into(), target.clone(), e));
+                    }
+                }
+            }
         }
     }
     (done, errors)

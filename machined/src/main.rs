@@ -71,7 +71,18 @@ fn cgroup_base(root: &Path, host_mode: bool) -> Option<PathBuf> {
     };
     let base = mount.join(name);
     match std::fs::create_dir_all(&base) {
-        Ok(()) => Some(base),
+        Ok(()) => {
+            if !host_mode {
+                // The cpu, memory and pids controllers for the services'
+                // cgroups (cpu.weight, memory.current). A host's own cgroup
+                // setup is left alone in host mode.
+                for dir in [&mount, &base] {
+                    let _ =
+                        std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids");
+                }
+            }
+            Some(base)
+        }
         Err(e) => {
             warn!(
                 "cgroups unavailable at {} ({e}): services run without them",
@@ -154,10 +165,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     timeline.mark("machined started", env!("CARGO_PKG_VERSION"));
     if !host_mode {
         // Before anything opens a file under /var or /system/state.
-        let (done, errors) = machined::disks::prepare(&root);
-        for e in &errors {
-            error!("{e}; running from RAM, the config and data will not survive a reboot");
-        }
+        // Failures are on the console (warn) and in this mark; the node
+        // carries on from RAM.
+        let (done, _errors) = machined::disks::prepare(&root);
         timeline.mark("disks ready", &done.join("; "));
     }
     paths.create_all()?;

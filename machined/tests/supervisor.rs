@@ -80,6 +80,7 @@ fn sh(name: &str, script: &str) -> ServiceSpec {
         health: Arc::new(AlwaysHealthy),
         stop_timeout: Duration::from_secs(2),
         pre_start: None,
+        cpu_weight: None,
     }
 }
 

@@ -221,9 +221,11 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     assert!(text.contains("grew to the end of the disk"), "{text}");
     assert!(text.contains("DHCP lease 10.0.2.15/24"), "{text}");
     // systemd-boot's try counter is removed once the API serves.
-    wait_until(Duration::from_secs(30), "the boot entry to be marked good", || {
-        log().contains("boot entry slot-a+")
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the boot entry to be marked good",
+        || log().contains("boot entry slot-a+"),
+    );
     assert!(log().contains("marked good (slot-a.conf)"), "{}", log());
     let fp = banner(&text, "fingerprint:").unwrap();
     let token = banner(&text, "token:").unwrap();
@@ -264,9 +266,11 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     );
     let after = log();
     let second_boot = &after[after.rfind("init started").unwrap()..];
-    wait_until(Duration::from_secs(30), "the second boot's boot-entry check", || {
-        log().contains("boot entry of slot A already good")
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the second boot's boot-entry check",
+        || log().contains("boot entry of slot A already good"),
+    );
     assert!(
         !second_boot.contains("formatted ext4"),
         "the second boot formatted a partition again:\n{second_boot}"

@@ -102,11 +102,14 @@ pub struct Machine {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Network {
-    /// Interfaces to configure. Interfaces not listed stay down, except that
-    /// an empty list means DHCP on the first link with carrier.
+    /// Interfaces to configure; interfaces not listed stay down. An empty
+    /// list means: the kernel command line's `ip=` arguments if any, else
+    /// DHCP on the first link with carrier. Applied at boot: a change takes
+    /// effect at the next reboot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<Interface>,
-    /// DNS servers. When absent, those from DHCP are used.
+    /// DNS servers (at most three are used). When absent, those from DHCP
+    /// or `ip=` are used.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nameservers: Vec<Ip>,
 }

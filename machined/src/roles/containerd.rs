@@ -203,6 +203,7 @@ pub fn service(ctx: &RoleContext) -> Result<ServiceSpec, RoleError> {
         }),
         stop_timeout: Duration::from_secs(10),
         pre_start: None,
+        cpu_weight: None,
     })
 }
 

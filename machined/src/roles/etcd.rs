@@ -392,5 +392,11 @@ pub fn service(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Option<ServiceS
         }),
         stop_timeout: Duration::from_secs(15),
         pre_start: Some(Arc::new(pre)),
+        // etcd is latency-critical (raft heartbeats, leader leases): it
+        // wins the CPU over bulk work such as image pulls in containerd.
+        cpu_weight: Some(ETCD_CPU_WEIGHT),
     }))
 }
+
+/// etcd's CPU share against the default of 100.
+pub const ETCD_CPU_WEIGHT: u32 = 500;

@@ -95,6 +95,19 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Sets `cpu.weight` once the cgroup exists. Without the cpu controller
+    /// enabled above it the file is absent: the service then runs with the
+    /// default share, which is logged, not fatal.
+    pub(crate) fn set_cpu_weight(&self, weight: u32) {
+        let _ = self.create();
+        if let Err(e) = fs::write(
+            self.path.join("cpu.weight"),
+            weight.clamp(1, 10000).to_string(),
+        ) {
+            tracing::debug!(cgroup = %self.path.display(), "cpu.weight not set: {e}");
+        }
+    }
+
     /// Total CPU time of everything that ever ran in the cgroup.
     pub(crate) fn cpu_usec(&self) -> Option<u64> {
         parse_usage_usec(&fs::read_to_string(self.path.join("cpu.stat")).ok()?)

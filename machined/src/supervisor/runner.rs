@@ -260,6 +260,9 @@ impl Runner {
 
         let cgroup = self.shared.cgroup_for(&self.name);
         if let Some(cg) = &cgroup {
+            if let Some(w) = spec.cpu_weight {
+                cg.set_cpu_weight(w);
+            }
             if let Err(e) = cg.prepare().await {
                 return self
                     .failed(format!("cgroup {}: {e}", cg.path().display()))

@@ -50,6 +50,9 @@ pub struct ServiceSpec {
     /// group.
     pub stop_timeout: Duration,
     pub pre_start: Option<Arc<dyn PreStart>>,
+    /// cgroup v2 `cpu.weight` (1-10000; the kernel's default is 100): the
+    /// service's share of CPU when services compete for it.
+    pub cpu_weight: Option<u32>,
 }
 
 impl fmt::Debug for ServiceSpec {
@@ -157,6 +160,7 @@ mod tests {
             health: Arc::new(AlwaysHealthy),
             stop_timeout: Duration::from_secs(1),
             pre_start: None,
+            cpu_weight: None,
         }
     }
 

@@ -32,7 +32,7 @@ pub fn preflight() -> Result<()> {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
-    /// KVM when it answers within 3 s, else TCG.
+    /// KVM when a probe guest boots to init under it within 10 s, else TCG.
     Auto,
     Kvm,
     Tcg,
