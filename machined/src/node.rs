@@ -215,6 +215,14 @@ impl Node {
         }
     }
 
+    /// Records something the operator should know (shown by `osctl
+    /// health`), without repeating an identical message in the log.
+    pub fn note_event(&self, text: String) {
+        if self.last_event().as_deref() != Some(text.as_str()) {
+            self.note(text);
+        }
+    }
+
     fn note(&self, text: String) {
         warn!("{text}");
         if let Ok(mut e) = self.last_event.lock() {
@@ -270,6 +278,39 @@ impl Node {
             self.watch_try(t);
         }
         Ok(())
+    }
+
+    /// Drops a config that cannot work (a worker the trust endpoint refuses):
+    /// back to the last-known-good config, or to maintenance mode when there
+    /// is none, so the node stays reachable to fix it.
+    pub async fn refuse_config(&self, reason: &str) {
+        let _guard = self.change_lock.lock().await;
+        let previous = match self.store.rollback() {
+            Ok(()) => self
+                .store
+                .current()
+                .ok()
+                .flatten()
+                .and_then(|t| MachineConfig::parse(&t).ok()),
+            Err(_) => {
+                if let Err(e) = self.store.wipe() {
+                    self.note(format!("{reason}; and the config cannot be removed: {e}"));
+                    return;
+                }
+                None
+            }
+        };
+        self.note(format!(
+            "{reason}; {}",
+            if previous.is_some() {
+                "back to the last-known-good config"
+            } else {
+                "back to maintenance mode"
+            }
+        ));
+        *self.config.write().await = previous;
+        self.write_etc_files().await;
+        self.reconcile().await;
     }
 
     /// Once per boot, on a disk boot: the API serves, so this slot's
@@ -437,9 +478,10 @@ impl Node {
     /// Node-specific checks a config must pass besides validation.
     fn check_runnable(&self, cfg: &MachineConfig) -> Result<(), NodeError> {
         if cfg.secrets.os_ca.key.is_none() {
-            return Err(NodeError::Invalid(
-                "secrets.osCA.key: this release serves the OS API only on nodes with the etcd or controlplane role (worker certificates come from a trust endpoint that is not built yet)".into(),
-            ));
+            // A worker: its OS API certificate comes from the trust endpoint
+            // on the control-plane endpoint's host.
+            crate::api::trust::endpoint_of(cfg)
+                .map_err(|e| NodeError::Invalid(format!("cluster.controlPlane.endpoint: {e}")))?;
         }
         Ok(())
     }
@@ -796,7 +838,7 @@ fn failing<'a>(
     })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -456,7 +456,7 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    pub fn create(tmp: &Path, name: &str, image: &Path, controlplanes: u32) -> Self {
+    pub fn create(tmp: &Path, name: &str, image: &Path, controlplanes: u32, workers: u32) -> Self {
         let state_dir = tmp.join("clusters");
         let osconfig = tmp.join("osconfig");
         let created = osctl(&[
@@ -470,6 +470,8 @@ impl LocalCluster {
             image.to_str().unwrap(),
             "--controlplanes",
             &controlplanes.to_string(),
+            "--workers",
+            &workers.to_string(),
             "--osconfig",
             osconfig.to_str().unwrap(),
             "--accel",

@@ -20,7 +20,7 @@ fn three_vms_form_etcd_survive_losing_one_and_it_rejoins() {
     let Some(image) = build_qemu_image(&tmp.path().join("image")) else {
         return;
     };
-    let c = LocalCluster::create(tmp.path(), "three", &image, 3);
+    let c = LocalCluster::create(tmp.path(), "three", &image, 3, 0);
     let show = node_tests::osctl(&[
         "cluster",
         "show",
@@ -102,7 +102,16 @@ fn running_node_refuses_a_bad_config_and_a_breaking_try_rolls_back() {
     let Some(image) = build_qemu_image(&tmp.path().join("image")) else {
         return;
     };
-    let c = LocalCluster::create(tmp.path(), "one", &image, 1);
+    // One control-plane node and one worker, whose OS API certificate
+    // comes from the control-plane node's trust endpoint.
+    let c = LocalCluster::create(tmp.path(), "one", &image, 1, 1);
+    let w = c.osctl(&[1], &["services"]).expect_ok();
+    assert!(
+        w.stdout.contains("containerd") && w.stdout.contains("healthy"),
+        "{}",
+        w.text()
+    );
+    assert!(!w.stdout.contains("etcd"), "{}", w.text());
     let certs = etcd_client_certs(
         &c.dir().join("secrets.yaml"),
         &tmp.path().join("etcd-client"),

@@ -170,18 +170,6 @@ fn invalid_configs_are_refused_by_the_node_and_change_nothing() {
     let err = raw_apply(&files, ip, vec![0xff, 0xfe]);
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
-    // A worker config (no OS CA key) cannot run the OS API yet: refused, not bricked.
-    files
-        .osctl(
-            &[ip],
-            &[
-                "apply-config",
-                "-f",
-                files.path("worker.yaml").to_str().unwrap(),
-            ],
-        )
-        .expect_err("secrets.osCA.key");
-
     assert_eq!(
         std::fs::read(node.root.join("system/state/config.yaml")).unwrap(),
         before

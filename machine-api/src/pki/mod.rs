@@ -273,6 +273,21 @@ impl CertificateAuthority {
         })
     }
 
+    /// True when `cert_pem` carries a valid signature of the CA in
+    /// `ca_pem` (checked with the CA's public key, not by names).
+    pub fn verify_issued(ca_pem: &str, cert_pem: &str) -> bool {
+        let (Ok((_, ca)), Ok((_, cert))) = (
+            x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()),
+            x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()),
+        ) else {
+            return false;
+        };
+        let (Ok(ca), Ok(cert)) = (ca.parse_x509(), cert.parse_x509()) else {
+            return false;
+        };
+        cert.verify_signature(Some(ca.public_key())).is_ok()
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.pem.cert_pem
     }
@@ -289,40 +304,126 @@ impl CertificateAuthority {
     /// Mints a leaf certificate with a fresh key and the given lifetime.
     pub fn issue_for(&self, spec: &LeafSpec, lifetime: Duration) -> Result<CertKeyPem, PkiError> {
         let key = new_key()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = subject(&spec.common_name, &spec.organizations);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match spec.usage {
-            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            Usage::ServerAndClient => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-        };
-        for dns in &spec.dns_names {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName(dns.as_str().try_into()?));
-        }
-        for ip in &spec.ip_addresses {
-            params.subject_alt_names.push(SanType::IpAddress(*ip));
-        }
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        validity(&mut params, lifetime);
+        let params = leaf_params(spec, lifetime)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertKeyPem {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }
+
+    /// Signs a server certificate for the key in a PKCS#10 request (the
+    /// trust endpoint: the private key never leaves the requesting node).
+    /// Only the request's common name and DNS/IP subject alternative names
+    /// are taken; usage, lifetime and every other field are ours. Returns
+    /// the spec that was signed (for the log) and the certificate.
+    pub fn sign_server_request(&self, csr_pem: &str) -> Result<(LeafSpec, String), PkiError> {
+        let bad = |why: String| PkiError::BadCertificate {
+            what: "certificate request".into(),
+            why,
+        };
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| bad(e.to_string()))?;
+        let cn = match csr.params.distinguished_name.get(&DnType::CommonName) {
+            Some(rcgen::DnValue::Utf8String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(bad("the request has no UTF-8 common name".into())),
+        };
+        let mut spec = LeafSpec::new(&cn, Usage::Server);
+        for san in &csr.params.subject_alt_names {
+            match san {
+                SanType::DnsName(d) => spec = spec.san(d.as_str()),
+                SanType::IpAddress(ip) => spec = spec.san(&ip.to_string()),
+                other => {
+                    return Err(bad(format!(
+                        "subject alternative name {other:?} is not a DNS name or IP address"
+                    )))
+                }
+            }
+        }
+        if spec.dns_names.len() + spec.ip_addresses.len() > 32 {
+            return Err(bad("more than 32 subject alternative names".into()));
+        }
+        let params = leaf_params(&spec, LEAF_VALIDITY)?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok((spec, cert.pem()))
+    }
+}
+
+/// A PKCS#10 request for a server certificate with `spec`'s name and SANs,
+/// and its fresh private key (PEM): the requesting side of
+/// [`CertificateAuthority::sign_server_request`].
+pub fn server_certificate_request(spec: &LeafSpec) -> Result<(String, String), PkiError> {
+    let key = new_key()?;
+    // A request carries only the subject and names; the signer decides
+    // everything else.
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject(&spec.common_name, &[]);
+    for dns in &spec.dns_names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(dns.as_str().try_into()?));
+    }
+    for ip in &spec.ip_addresses {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// The parameters of every leaf we sign.
+fn leaf_params(spec: &LeafSpec, lifetime: Duration) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject(&spec.common_name, &spec.organizations);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match spec.usage {
+        Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::ServerAndClient => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    };
+    for dns in &spec.dns_names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(dns.as_str().try_into()?));
+    }
+    for ip in &spec.ip_addresses {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    validity(&mut params, lifetime);
+    Ok(params)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_request_keeps_the_requesters_key_and_only_name_and_sans() {
+        let ca = CertificateAuthority::generate("os").unwrap();
+        let spec = LeafSpec::new("w1", Usage::ServerAndClient)
+            .san("10.5.0.20")
+            .san("w1.example");
+        let (csr, key_pem) = server_certificate_request(&spec).unwrap();
+        let (signed, cert_pem) = ca.sign_server_request(&csr).unwrap();
+        assert_eq!(signed.common_name, "w1");
+        assert_eq!(signed.usage, Usage::Server);
+        assert_eq!(
+            signed.ip_addresses,
+            vec!["10.5.0.20".parse::<IpAddr>().unwrap()]
+        );
+        // The certificate is for the requester's key, which never left it.
+        check_key_matches("leaf", &cert_pem, &key_pem).unwrap();
+        assert!(ca
+            .sign_server_request(
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+            )
+            .is_err());
+    }
 
     #[test]
     fn ca_round_trip_and_key_mismatch() {

@@ -39,6 +39,10 @@ const fn rule(path: &'static str, access: Access, maintenance: bool) -> Rule {
     }
 }
 
+/// The service served on the trust port instead (server TLS only, the
+/// machine token authorizes each call): never added to the API server.
+pub const NOT_ON_THE_API_PORT: &str = "TrustService";
+
 /// Every RPC of the API.
 pub const RULES: &[Rule] = &[
     rule(
@@ -264,6 +268,9 @@ mod tests {
         for file in fds.file {
             let pkg = file.package.unwrap_or_default();
             for svc in file.service {
+                if svc.name.as_deref() == Some(NOT_ON_THE_API_PORT) {
+                    continue;
+                }
                 for m in svc.method {
                     paths.push(format!(
                         "/{pkg}.{}/{}",

@@ -6,6 +6,7 @@ pub mod etcd_api;
 pub mod machine_api;
 pub mod service_api;
 pub mod tls;
+pub mod trust;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::node::{Control, Node};
+use tls::ServerIdentity;
 
 /// Prints what an operator at the console needs to reach this node.
 fn banner(node: &Node, id: &tls::ServerIdentity, maintenance: bool, name: &str) {
@@ -82,6 +84,23 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
         let me = node.identity_for(cfg.as_ref());
         let id = match &cfg {
             None => tls::maintenance_identity(&node.opts.paths.secrets_dir(), &me),
+            Some(c) if c.secrets.os_ca.key.is_none() => {
+                // A worker: wait for the trust endpoint, but let a reboot,
+                // shutdown or new config interrupt the wait.
+                tokio::select! {
+                    id = trust::worker_identity(&node, c, &me) => match id {
+                        Ok(id) => Ok(id),
+                        Err(e) => {
+                            node.refuse_config(&format!("the trust endpoint refused this worker: {e}")).await;
+                            continue;
+                        }
+                    },
+                    c = control.recv() => match c.unwrap_or(Control::Shutdown) {
+                        Control::Reload => continue,
+                        other => return other,
+                    },
+                }
+            }
             Some(c) => tls::configured_identity(c, &me),
         };
         let id = match id {
@@ -108,6 +127,30 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
                         let _ = stop_rx.await;
                     })
             });
+        // Nodes holding the OS CA key also sign workers' certificates on
+        // the trust port (server TLS only: workers have no client
+        // certificate yet; the machine token authorizes them).
+        let signs = cfg.as_ref().is_some_and(|c| c.secrets.os_ca.key.is_some());
+        let (trust_stop_tx, trust_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let trust_task = if signs {
+            let addr = trust::listen_addr(node.opts.listen);
+            match tonic::transport::Server::builder().tls_config(
+                ServerIdentity::new(id.cert_pem.clone(), id.key_pem.clone(), None).tls_config(),
+            ) {
+                Ok(mut b) => Some(tokio::spawn(
+                    b.add_service(trust::service(node.clone()))
+                        .serve_with_shutdown(addr, async {
+                            let _ = trust_stop_rx.await;
+                        }),
+                )),
+                Err(e) => {
+                    error!("trust endpoint TLS configuration rejected: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut task = match server {
             Ok(fut) => tokio::spawn(fut),
             Err(e) => {
@@ -142,6 +185,15 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
             }
         };
         let _ = stop_tx.send(());
+        let _ = trust_stop_tx.send(());
+        if let Some(t) = trust_task {
+            if tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .is_err()
+            {
+                warn!("the trust endpoint did not stop in time");
+            }
+        }
         // Streams (logs -f) would hold a graceful shutdown open forever.
         if tokio::time::timeout(Duration::from_secs(2), &mut task)
             .await

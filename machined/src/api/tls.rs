@@ -32,6 +32,15 @@ impl std::fmt::Debug for ServerIdentity {
 }
 
 impl ServerIdentity {
+    pub fn new(cert_pem: String, key_pem: String, client_ca_pem: Option<String>) -> Self {
+        ServerIdentity {
+            fingerprint: fingerprint_of(&cert_pem),
+            cert_pem,
+            key_pem,
+            client_ca_pem,
+        }
+    }
+
     pub fn tls_config(&self) -> ServerTlsConfig {
         let tls =
             ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));

@@ -23,7 +23,8 @@ pub struct Create {
     /// Control-plane nodes (each runs etcd; the first bootstraps it).
     #[arg(long, default_value_t = 1)]
     pub controlplanes: u32,
-    /// Worker nodes.
+    /// Worker nodes (no CA keys: their OS API certificate comes from the
+    /// first control-plane node's trust endpoint).
     #[arg(long, default_value_t = 0)]
     pub workers: u32,
     /// A built image directory (with *-vmlinuz, *-initramfs.cpio.zst and
@@ -175,9 +176,6 @@ impl Create {
                 "--controlplanes must be at least 1: the first control-plane node bootstraps etcd"
             );
         }
-        if self.workers > 0 {
-            bail!("--workers: worker nodes get their OS API certificate from a trust endpoint that is not built yet, and machined refuses a worker config without one; create control-plane nodes only for now (docs/troubleshooting.md)");
-        }
         if self.controlplanes + self.workers > 200 {
             bail!("at most 200 nodes fit the private network 10.5.0.0/24 as laid out");
         }
@@ -280,6 +278,33 @@ impl Create {
                 qemu: Vec::new(),
             });
         }
+        // Workers carry no CA key: they get their OS API certificate from
+        // the first control-plane node's trust endpoint (10.5.0.10:50001).
+        for j in 0..self.workers {
+            let ip = format!("10.5.0.{}", 10 + self.controlplanes + j);
+            let host = format!("{}-w{}", name.0, j + 1);
+            let mut cfg = machine_config(&bundle, &input, &[Role::Worker]);
+            cfg.machine.hostname = Some(host.parse().map_err(|e| anyhow!("{host}: {e}"))?);
+            let cfg_path = dir.join(format!("{host}.yaml"));
+            out.push(OutFile {
+                path: cfg_path.clone(),
+                contents: cfg.to_yaml(),
+                mode: SECRET,
+            });
+            let node_dir = dir.join(&host);
+            nodes.push(NodeState {
+                name: host,
+                roles: vec!["worker".into()],
+                ip,
+                api_port: free_port()?,
+                etcd_port: free_port()?,
+                config: cfg_path,
+                console: node_dir.join("console.log"),
+                disk: node_dir.join("disk.raw"),
+                pidfile: node_dir.join("qemu.pid"),
+                qemu: Vec::new(),
+            });
+        }
         let admin = os_client_cert(&bundle, "admin", OsRole::Admin)?;
         let context = OsContext {
             endpoints: nodes.iter().map(NodeState::endpoint).collect(),
@@ -296,8 +321,10 @@ impl Create {
         });
         files::write_all(&out, false)?;
         p.step(format!(
-            "generated the cluster PKI and {} machine configs",
-            nodes.len()
+            "generated the cluster PKI and {} machine configs ({} control-plane, {} worker)",
+            nodes.len(),
+            self.controlplanes,
+            self.workers
         ));
 
         // VMs.
@@ -525,7 +552,11 @@ impl Create {
             }
             r
         })?;
-        let want = st.nodes.len();
+        let want = st
+            .nodes
+            .iter()
+            .filter(|n| n.roles.iter().any(|r| r == "etcd"))
+            .count();
         retry(Duration::from_secs(60).min(left()), || {
             let members = osctl(&[
                 "etcd",

@@ -1,0 +1,234 @@
+//! The trust endpoint: how a worker, whose config carries the OS CA
+//! certificate but not its key, gets an OS API server certificate.
+//!
+//! Nodes holding the OS CA key serve `TrustService` on port 50001 with
+//! server-side TLS only (the worker has no client certificate yet). The
+//! worker checks that server against the OS CA certificate from its config,
+//! proves cluster membership with the machine token, and sends a PKCS#10
+//! request; its private key never leaves it. The signed certificate and
+//! key are kept on STATE and reused until they near expiry or the node's
+//! name or addresses change.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use machine_api::config::MachineConfig;
+use machine_api::pki::kube::os_api_server;
+use machine_api::pki::{server_certificate_request, CertificateAuthority};
+use machine_api::proto::trust_service_client::TrustServiceClient;
+use machine_api::proto::trust_service_server::{TrustService, TrustServiceServer};
+use machine_api::proto::{SignServerCertificateRequest, SignServerCertificateResponse};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::tls::ServerIdentity;
+use crate::node::Node;
+use crate::roles::NodeIdentity;
+use machine_api::pki::kube::NodeIdentity as CertIdentity;
+
+/// The trust endpoint's port on every node holding the OS CA key.
+pub const TRUST_PORT: u16 = 50001;
+
+/// The signer side.
+#[derive(Debug)]
+pub struct TrustApi(pub Arc<Node>);
+
+#[tonic::async_trait]
+impl TrustService for TrustApi {
+    async fn sign_server_certificate(
+        &self,
+        r: Request<SignServerCertificateRequest>,
+    ) -> Result<Response<SignServerCertificateResponse>, Status> {
+        let peer = r
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into());
+        let req = r.into_inner();
+        let cfg = self
+            .0
+            .config()
+            .await
+            .ok_or_else(|| Status::unavailable("this node has no config yet"))?;
+        let key =
+            cfg.secrets.os_ca.key.as_ref().ok_or_else(|| {
+                Status::failed_precondition("this node does not hold the OS CA key")
+            })?;
+        if !crate::node::constant_time_eq(
+            req.machine_token.as_bytes(),
+            cfg.secrets.machine_token.as_bytes(),
+        ) {
+            warn!(%peer, "trust endpoint: wrong machine token");
+            return Err(Status::permission_denied(
+                "wrong machine token: the worker's secrets.machineToken is not this cluster's",
+            ));
+        }
+        let ca = CertificateAuthority::from_pem("secrets.osCA", &cfg.secrets.os_ca.crt, key)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (spec, cert_pem) = ca
+            .sign_server_request(&req.csr_pem)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(
+            %peer,
+            node = %spec.common_name,
+            ips = ?spec.ip_addresses,
+            "trust endpoint: signed an OS API server certificate"
+        );
+        Ok(Response::new(SignServerCertificateResponse { cert_pem }))
+    }
+}
+
+/// The trust service for a server builder.
+pub fn service(node: Arc<Node>) -> TrustServiceServer<TrustApi> {
+    TrustServiceServer::new(TrustApi(node))
+}
+
+/// Where the trust endpoint is: port 50001 on the control-plane
+/// endpoint's host.
+pub fn endpoint_of(cfg: &MachineConfig) -> Result<(String, String), String> {
+    let url = &cfg.cluster.control_plane.endpoint.0;
+    let host = url
+        .host_str()
+        .ok_or("cluster.controlPlane.endpoint has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let authority = match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(_)) => format!("[{host}]:{TRUST_PORT}"),
+        _ => format!("{host}:{TRUST_PORT}"),
+    };
+    Ok((host, format!("https://{authority}")))
+}
+
+/// A kept certificate that still fits: same CA, names and addresses, and
+/// more than 30 days left.
+fn cached(dir: &Path, cfg: &MachineConfig, me: &NodeIdentity) -> Option<(String, String)> {
+    let cert = std::fs::read_to_string(dir.join("os-api.crt")).ok()?;
+    let key = std::fs::read_to_string(dir.join("os-api.key")).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).ok()?;
+    let x = pem.parse_x509().ok()?;
+    let left = x.validity().time_to_expiration()?;
+    if left < time::Duration::days(30) {
+        return None;
+    }
+    let cn_ok = x
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        == Some(me.name.as_str());
+    let ips: Vec<IpAddr> = x
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                        4 => Some(IpAddr::from(<[u8; 4]>::try_from(*b).ok()?)),
+                        16 => Some(IpAddr::from(<[u8; 16]>::try_from(*b).ok()?)),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let issued_by_ours = CertificateAuthority::verify_issued(&cfg.secrets.os_ca.crt, &cert);
+    (cn_ok && ips.contains(&me.ip) && issued_by_ours).then_some((cert, key))
+}
+
+/// A worker's OS API identity: kept on STATE, else requested from the trust
+/// endpoint, retrying while it is unreachable (the control plane may boot
+/// later). A definitive refusal (wrong machine token, a request it will
+/// not sign, an endpoint without the CA key) is returned as an error: the
+/// config cannot work and must not leave the node unreachable.
+pub async fn worker_identity(
+    node: &Node,
+    cfg: &MachineConfig,
+    me: &NodeIdentity,
+) -> Result<ServerIdentity, String> {
+    let dir = node.opts.paths.state_dir();
+    let ca = cfg.secrets.os_ca.crt.clone();
+    if let Some((cert, key)) = cached(&dir, cfg, me) {
+        return Ok(ServerIdentity::new(cert, key, Some(ca)));
+    }
+    let spec = os_api_server(
+        &CertIdentity {
+            name: me.name.clone(),
+            addresses: vec![me.ip],
+        },
+        &cfg.machine.cert_sans,
+    );
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match request_once(cfg, &spec).await {
+            Ok((cert, key)) => {
+                for (name, text, mode) in
+                    [("os-api.key", &key, 0o600), ("os-api.crt", &cert, 0o644)]
+                {
+                    if let Err(e) =
+                        machine_api::atomic::write_atomic(&dir.join(name), text.as_bytes(), mode)
+                    {
+                        warn!("cannot keep the OS API certificate on STATE: {e}");
+                    }
+                }
+                info!("OS API certificate signed by the trust endpoint");
+                return Ok(ServerIdentity::new(cert, key, Some(ca)));
+            }
+            Err((true, e)) => return Err(e),
+            Err((false, e)) => {
+                node.note_event(format!("waiting for the trust endpoint: {e}"));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
+async fn request_once(
+    cfg: &MachineConfig,
+    spec: &machine_api::pki::LeafSpec,
+) -> Result<(String, String), (bool, String)> {
+    let transient = |e: String| (false, e);
+    let (host, url) = endpoint_of(cfg).map_err(|e| (true, e))?;
+    let (csr, key) = server_certificate_request(spec).map_err(|e| (true, e.to_string()))?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            &cfg.secrets.os_ca.crt,
+        ))
+        .domain_name(host);
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .map_err(|e| (true, format!("{url}: {e}")))?
+        .tls_config(tls)
+        .map_err(|e| (true, format!("{url}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| transient(format!("{url}: cannot connect: {e}")))?;
+    let resp = TrustServiceClient::new(channel)
+        .sign_server_certificate(SignServerCertificateRequest {
+            machine_token: cfg.secrets.machine_token.clone(),
+            csr_pem: csr,
+        })
+        .await
+        .map_err(|s| {
+            let definitive = matches!(
+                s.code(),
+                tonic::Code::PermissionDenied
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition
+            );
+            (definitive, format!("{url}: {}", s.message()))
+        })?;
+    Ok((resp.into_inner().cert_pem, key))
+}
+
+/// The trust listener's address: the API's address on port 50001.
+pub fn listen_addr(api: SocketAddr) -> SocketAddr {
+    SocketAddr::new(api.ip(), TRUST_PORT)
+}
