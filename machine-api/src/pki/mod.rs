@@ -332,7 +332,7 @@ impl CertificateAuthority {
         for san in &csr.params.subject_alt_names {
             match san {
                 SanType::DnsName(d) => spec = spec.san(d.as_str()),
-                SanType::IpAddress(ip) => spec = spec.san(&ip.to_string()),
+                SanType::IpAddress(ip) => spec = spec.san(ip.to_string()),
                 other => {
                     return Err(bad(format!(
                         "subject alternative name {other:?} is not a DNS name or IP address"
