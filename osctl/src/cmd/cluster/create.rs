@@ -244,14 +244,22 @@ impl Create {
             contents: super::super::gen::bundle_yaml(&bundle),
             mode: SECRET,
         }];
+        // Control-plane nodes first (10.5.0.10 bootstraps etcd; the others
+        // join through it), then workers, which carry no CA key and get
+        // their OS API certificate from 10.5.0.10's trust endpoint.
+        let cp_roles = [Role::Controlplane, Role::Etcd];
+        let plan = (0..self.controlplanes)
+            .map(|i| (format!("{}-cp{}", name.0, i + 1), &cp_roles[..], i > 0))
+            .chain(
+                (0..self.workers)
+                    .map(|j| (format!("{}-w{}", name.0, j + 1), &[Role::Worker][..], false)),
+            );
         let mut nodes = Vec::new();
-        for i in 0..self.controlplanes {
+        for (i, (host, roles, joins)) in plan.enumerate() {
             let ip = format!("10.5.0.{}", 10 + i);
-            let host = format!("{}-cp{}", name.0, i + 1);
-            let mut cfg = machine_config(&bundle, &input, &[Role::Controlplane, Role::Etcd]);
+            let mut cfg = machine_config(&bundle, &input, roles);
             cfg.machine.hostname = Some(host.parse().map_err(|e| anyhow!("{host}: {e}"))?);
-            if i > 0 {
-                // Joiners find the cluster through the first node.
+            if joins {
                 cfg.cluster.etcd.endpoints = vec![Endpoint(
                     format!("https://{first_ip}:2379")
                         .parse()
@@ -267,34 +275,7 @@ impl Create {
             let node_dir = dir.join(&host);
             nodes.push(NodeState {
                 name: host,
-                roles: vec!["controlplane".into(), "etcd".into()],
-                ip,
-                api_port: free_port()?,
-                etcd_port: free_port()?,
-                config: cfg_path,
-                console: node_dir.join("console.log"),
-                disk: node_dir.join("disk.raw"),
-                pidfile: node_dir.join("qemu.pid"),
-                qemu: Vec::new(),
-            });
-        }
-        // Workers carry no CA key: they get their OS API certificate from
-        // the first control-plane node's trust endpoint (10.5.0.10:50001).
-        for j in 0..self.workers {
-            let ip = format!("10.5.0.{}", 10 + self.controlplanes + j);
-            let host = format!("{}-w{}", name.0, j + 1);
-            let mut cfg = machine_config(&bundle, &input, &[Role::Worker]);
-            cfg.machine.hostname = Some(host.parse().map_err(|e| anyhow!("{host}: {e}"))?);
-            let cfg_path = dir.join(format!("{host}.yaml"));
-            out.push(OutFile {
-                path: cfg_path.clone(),
-                contents: cfg.to_yaml(),
-                mode: SECRET,
-            });
-            let node_dir = dir.join(&host);
-            nodes.push(NodeState {
-                name: host,
-                roles: vec!["worker".into()],
+                roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
                 ip,
                 api_port: free_port()?,
                 etcd_port: free_port()?,
