@@ -809,6 +809,11 @@ impl Node {
             }
         }
         let _ = std::fs::remove_file(etcd::bootstrap_marker(p));
+        // A worker's certificate from the trust endpoint belongs to the
+        // config just wiped.
+        for f in crate::api::trust::KEPT_FILES {
+            let _ = std::fs::remove_file(p.state_dir().join(f));
+        }
         p.create_all().map_err(internal)?;
         *self.config.write().await = None;
         self.supervisor.reconcile(Vec::new()).await;

@@ -40,6 +40,8 @@ pub enum PkiError {
     NotCa { what: String },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("certificate request: {0}")]
+    BadRequest(String),
 }
 
 impl PkiError {
@@ -318,10 +320,7 @@ impl CertificateAuthority {
     /// are taken; usage, lifetime and every other field are ours. Returns
     /// the spec that was signed (for the log) and the certificate.
     pub fn sign_server_request(&self, csr_pem: &str) -> Result<(LeafSpec, String), PkiError> {
-        let bad = |why: String| PkiError::BadCertificate {
-            what: "certificate request".into(),
-            why,
-        };
+        let bad = PkiError::BadRequest;
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| bad(e.to_string()))?;
         let cn = match csr.params.distinguished_name.get(&DnType::CommonName) {

@@ -110,7 +110,7 @@ pub fn maintenance_identity(dir: &Path, node: &Node) -> Result<ServerIdentity, S
 /// The node's OS API certificate, minted from the OS CA in its config.
 pub fn configured_identity(cfg: &MachineConfig, node: &Node) -> Result<ServerIdentity, String> {
     let key = cfg.secrets.os_ca.key.as_ref().ok_or_else(|| {
-        "the config has no OS CA key: worker-only nodes need the trust endpoint, which this release does not have yet".to_string()
+        "the config has no OS CA key (a worker gets its certificate from the trust endpoint instead)".to_string()
     })?;
     let ca = CertificateAuthority::from_pem("secrets.osCA", &cfg.secrets.os_ca.crt, key)
         .map_err(|e| e.to_string())?;

@@ -28,6 +28,9 @@ use crate::node::Node;
 use crate::roles::NodeIdentity;
 use machine_api::pki::kube::NodeIdentity as CertIdentity;
 
+/// A worker's kept certificate and key, on STATE.
+pub const KEPT_FILES: [&str; 2] = ["os-api.crt", "os-api.key"];
+
 /// The trust endpoint's port on every node holding the OS CA key.
 pub const TRUST_PORT: u16 = 50001;
 
@@ -118,6 +121,21 @@ fn cached(dir: &Path, cfg: &MachineConfig, me: &NodeIdentity) -> Option<(String,
         .next()
         .and_then(|c| c.as_str().ok())
         == Some(me.name.as_str());
+    let names: Vec<String> = x
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let ips: Vec<IpAddr> = x
         .subject_alternative_name()
         .ok()
@@ -138,7 +156,23 @@ fn cached(dir: &Path, cfg: &MachineConfig, me: &NodeIdentity) -> Option<(String,
         })
         .unwrap_or_default();
     let issued_by_ours = CertificateAuthority::verify_issued(&cfg.secrets.os_ca.crt, &cert);
-    (cn_ok && ips.contains(&me.ip) && issued_by_ours).then_some((cert, key))
+    // Every name and address the node would ask for now (its address and
+    // machine.certSANs included) must be in the kept certificate.
+    let want = wanted_spec(cfg, me);
+    let sans_ok = want.ip_addresses.iter().all(|ip| ips.contains(ip))
+        && want.dns_names.iter().all(|d| names.contains(d));
+    (cn_ok && sans_ok && issued_by_ours).then_some((cert, key))
+}
+
+/// What a worker asks the trust endpoint to sign.
+fn wanted_spec(cfg: &MachineConfig, me: &NodeIdentity) -> machine_api::pki::LeafSpec {
+    os_api_server(
+        &CertIdentity {
+            name: me.name.clone(),
+            addresses: vec![me.ip],
+        },
+        &cfg.machine.cert_sans,
+    )
 }
 
 /// A worker's OS API identity: kept on STATE, else requested from the trust
@@ -156,13 +190,7 @@ pub async fn worker_identity(
     if let Some((cert, key)) = cached(&dir, cfg, me) {
         return Ok(ServerIdentity::new(cert, key, Some(ca)));
     }
-    let spec = os_api_server(
-        &CertIdentity {
-            name: me.name.clone(),
-            addresses: vec![me.ip],
-        },
-        &cfg.machine.cert_sans,
-    );
+    let spec = wanted_spec(cfg, me);
     let mut backoff = Duration::from_secs(1);
     loop {
         match request_once(cfg, &spec).await {
@@ -209,7 +237,7 @@ async fn request_once(
         .timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| transient(format!("{url}: cannot connect: {e}")))?;
+        .map_err(|e| transient(format!("{url}: cannot connect: {}", error_chain(&e))))?;
     let resp = TrustServiceClient::new(channel)
         .sign_server_certificate(SignServerCertificateRequest {
             machine_token: cfg.secrets.machine_token.clone(),
@@ -226,6 +254,18 @@ async fn request_once(
             (definitive, format!("{url}: {}", s.message()))
         })?;
     Ok((resp.into_inner().cert_pem, key))
+}
+
+/// An error with its causes (tonic's own message says only "transport
+/// error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
 }
 
 /// The trust listener's address: the API's address on port 50001.

@@ -72,7 +72,26 @@ impl EtcdFiles {
 /// True once this member has data: it then restarts from it, whatever the
 /// config says about bootstrapping or joining.
 pub fn member_initialized(paths: &Paths) -> bool {
-    paths.etcd_data().join("member").is_dir()
+    // etcd's own test (wal.Exist): a WAL file, not just the directory. A
+    // first start that failed (a join racing another) can leave
+    // `member/` without a WAL; taking that for data would start etcd
+    // without initial-cluster, and it would found a cluster of its own.
+    std::fs::read_dir(paths.etcd_data().join("member/wal"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+        })
+        .unwrap_or(false)
+}
+
+/// Removes what a failed first start left (a `member/` without a WAL), so
+/// the next attempt starts clean.
+fn clear_partial_member(paths: &Paths) {
+    let member = paths.etcd_data().join("member");
+    if member.exists() && !member_initialized(paths) {
+        tracing::warn!("removing {} left by a failed first start", member.display());
+        let _ = std::fs::remove_dir_all(&member);
+    }
 }
 
 /// Written by `osctl bootstrap`: this node creates a new cluster.
@@ -297,8 +316,17 @@ impl PreStart for EtcdPreStart {
     async fn run(&self) -> Result<(), String> {
         use serde_json::json;
         let mut config = self.config.clone();
-        match self.first_start() {
-            FirstStart::Existing => {}
+        let first = self.first_start();
+        if !matches!(first, FirstStart::Existing) {
+            clear_partial_member(&self.paths);
+        }
+        match first {
+            // etcd ignores initial-* settings when it has data; should the
+            // data be gone after all, `existing` makes it fail instead of
+            // founding a cluster of its own.
+            FirstStart::Existing => {
+                config.insert("initial-cluster-state".into(), json!("existing"));
+            }
             FirstStart::NewCluster => {
                 config.insert(
                     "initial-cluster".into(),
@@ -400,3 +428,24 @@ pub fn service(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Option<ServiceS
 
 /// etcd's CPU share against the default of 100.
 pub const ETCD_CPU_WEIGHT: u32 = 500;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_dir_without_wal_is_not_data_and_is_cleared() {
+        let t = tempfile::tempdir().unwrap();
+        let paths = Paths::new(t.path());
+        let wal = paths.etcd_data().join("member/wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        assert!(!member_initialized(&paths));
+        clear_partial_member(&paths);
+        assert!(!paths.etcd_data().join("member").exists());
+        std::fs::create_dir_all(&wal).unwrap();
+        std::fs::write(wal.join("0000000000000000-0000000000000000.wal"), b"x").unwrap();
+        assert!(member_initialized(&paths));
+        clear_partial_member(&paths);
+        assert!(wal.exists(), "real data must never be removed");
+    }
+}

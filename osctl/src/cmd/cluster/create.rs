@@ -410,8 +410,9 @@ impl Create {
             format!(" --osconfig {}", state.osconfig.display())
         };
         println!(
-            "\nTry:\n  osctl health --context {n}{file}\n  osctl etcd members --context {n}{file}\n  osctl boot --context {n}{file}\n  osctl cluster show --name {n}\n  osctl cluster destroy --name {n}",
-            n = name.0
+            "\nTry:\n  osctl health --context {n}{file}\n  osctl etcd members --context {n}{file} -n {first}\n  osctl boot --context {n}{file}\n  osctl cluster show --name {n}\n  osctl cluster destroy --name {n}",
+            n = name.0,
+            first = state.nodes[0].endpoint()
         );
         Ok(ExitCode::SUCCESS)
     }
@@ -560,7 +561,10 @@ impl Create {
                 bail!("etcd has {n} of {want} members")
             }
         })?;
-        p.step(format!("etcd has all {want} members"));
+        p.step(format!(
+            "etcd has {want} member{}",
+            if want == 1 { "" } else { "s" }
+        ));
         Ok(())
     }
 }
