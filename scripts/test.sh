@@ -6,6 +6,15 @@ cd "$(dirname "$0")/.."
 # Real node parts for the integration tests (Debian packages).
 export EXTRA_APT_PACKAGES="etcd-server etcd-client containerd runc qemu-system-x86 ovmf cpio gdisk mtools squashfs-tools dosfstools zstd ${EXTRA_APT_PACKAGES:-}"
 source scripts/setup.sh
+# CI builds once: incremental caches would only add gigabytes to target/.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+# The build and the disk-image tests need room; a full disk shows up later
+# as confusing ENOSPC failures in unrelated tests, so say it up front.
+mkdir -p target
+free_kib=$(df -Pk target | awk 'NR==2 {print $4}')
+if [ "${free_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
+  echo "warning: only $((free_kib / 1024)) MiB free for target/ and temporary files; the suite needs about 8 GiB" >&2
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi

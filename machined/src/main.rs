@@ -43,6 +43,16 @@ struct Cli {
     /// Accept a config in maintenance mode without a token (labs only).
     #[arg(long, conflicts_with = "maintenance_token")]
     no_maintenance_token: bool,
+    /// Seconds a worker configured for the first time waits for the trust
+    /// endpoint before it drops the config and returns to maintenance mode
+    /// (a worker with a kept certificate never gives up).
+    #[arg(
+        long,
+        env = "MACHINED_TRUST_TIMEOUT",
+        default_value_t = 300,
+        value_name = "SECONDS"
+    )]
+    trust_timeout: u64,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "MACHINED_LOG", default_value = "info")]
     log: String,
@@ -197,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         node_ip,
         default_hostname,
         host_mode,
+        trust_first_timeout: std::time::Duration::from_secs(cli.trust_timeout),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let node = Node::new(opts, supervisor.clone(), tx);

@@ -31,6 +31,9 @@ pub struct Options {
     pub maintenance_token: Option<String>,
     /// Host mode: no PID-1 duties; reboot re-executes machined.
     pub host_mode: bool,
+    /// How long a worker configured for the first time waits for the trust
+    /// endpoint before it gives the config up and returns to maintenance.
+    pub trust_first_timeout: Duration,
 }
 
 /// What the server loop is asked to do next.

@@ -200,6 +200,8 @@ impl Machined {
             .args(["--listen", &format!("{}:50000", self.ip)])
             .args(["--hostname", &format!("node-{}", self.ip.replace('.', "-"))])
             .env("MACHINED_LOG", "info")
+            // Workers whose trust endpoint never answers give up quickly.
+            .env("MACHINED_TRUST_TIMEOUT", "8")
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)

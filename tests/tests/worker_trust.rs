@@ -103,4 +103,36 @@ fn worker_gets_its_certificate_from_the_trust_endpoint() {
         "the fixed worker configured",
         || files.osctl(&[w3], &["version"]).ok,
     );
+
+    // A worker whose config names an endpoint nobody answers on: it retries,
+    // then gives the config up (MACHINED_TRUST_TIMEOUT=8 in the harness) and
+    // returns to maintenance mode, reachable and fixable, with the reason.
+    let lost = tmp.path().join("lost-worker.yaml");
+    let text = std::fs::read_to_string(&worker_yaml).unwrap();
+    assert!(text.contains("https://127.0.7.1:6443"));
+    std::fs::write(
+        &lost,
+        text.replace("https://127.0.7.1:6443", "https://127.0.7.9:6443"),
+    )
+    .unwrap();
+    let w4 = "127.0.7.4";
+    let fourth = Machined::start(&tmp.path().join("fourth"), w4);
+    fourth.apply_insecure(&lost).expect_ok();
+    wait_until(
+        Duration::from_secs(60),
+        "the worker without a trust endpoint back in maintenance",
+        || {
+            let log = fourth.log_text();
+            log.contains("the trust endpoint gave no answer within 8s")
+                && log.matches("maintenance: no config yet").count() >= 2
+        },
+    );
+    assert!(!fourth.root.join("system/state/config.yaml").exists());
+    assert!(!fourth.root.join("system/state/os-api.crt").exists());
+    fourth.apply_insecure(&worker_yaml).expect_ok();
+    wait_until(
+        Duration::from_secs(30),
+        "the fixed fourth worker configured",
+        || files.osctl(&[w4], &["version"]).ok,
+    );
 }

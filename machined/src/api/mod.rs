@@ -91,7 +91,7 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
                     id = trust::worker_identity(&node, c, &me) => match id {
                         Ok(id) => Ok(id),
                         Err(e) => {
-                            node.refuse_config(&format!("the trust endpoint refused this worker: {e}")).await;
+                            node.refuse_config(&e).await;
                             continue;
                         }
                     },

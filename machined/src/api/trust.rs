@@ -178,7 +178,9 @@ fn wanted_spec(cfg: &MachineConfig, me: &NodeIdentity) -> machine_api::pki::Leaf
 /// A worker's OS API identity: kept on STATE, else requested from the trust
 /// endpoint, retrying while it is unreachable (the control plane may boot
 /// later). A definitive refusal (wrong machine token, a request it will
-/// not sign, an endpoint without the CA key) is returned as an error: the
+/// not sign, an endpoint without the CA key), or no answer within
+/// `--trust-timeout` for a worker that never had a certificate, is
+/// returned as an error: the
 /// config cannot work and must not leave the node unreachable.
 pub async fn worker_identity(
     node: &Node,
@@ -190,6 +192,12 @@ pub async fn worker_identity(
     if let Some((cert, key)) = cached(&dir, cfg, me) {
         return Ok(ServerIdentity::new(cert, key, Some(ca)));
     }
+    // A worker that never had a certificate gives up after a while: its
+    // config may name a wrong endpoint, and waiting forever without an API
+    // would leave it unreachable. One with a kept certificate (a renewal,
+    // a control plane that is down) keeps waiting.
+    let first_time = !dir.join(KEPT_FILES[0]).exists();
+    let give_up = std::time::Instant::now() + node.opts.trust_first_timeout;
     let spec = wanted_spec(cfg, me);
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -207,7 +215,13 @@ pub async fn worker_identity(
                 info!("OS API certificate signed by the trust endpoint");
                 return Ok(ServerIdentity::new(cert, key, Some(ca)));
             }
-            Err((true, e)) => return Err(e),
+            Err((true, e)) => return Err(format!("the trust endpoint refused this worker: {e}")),
+            Err((false, e)) if first_time && std::time::Instant::now() >= give_up => {
+                return Err(format!(
+                    "the trust endpoint gave no answer within {}s: {e}",
+                    node.opts.trust_first_timeout.as_secs()
+                ))
+            }
             Err((false, e)) => {
                 node.note_event(format!("waiting for the trust endpoint: {e}"));
                 tokio::time::sleep(backoff).await;
