@@ -141,6 +141,9 @@ pub struct BuildOptions {
     pub kubernetes_tarball: Option<String>,
     /// A machine config to bake in (validated first).
     pub embed_config: Option<PathBuf>,
+    /// CA certificates (PEM) a node trusts for https `machined.config=`
+    /// URLs, besides the public web roots.
+    pub config_ca: Option<PathBuf>,
     pub source_date_epoch: Option<u64>,
     pub jobs: usize,
 }
@@ -350,6 +353,33 @@ fn write_zstd_cpio(tree: &Tree, epoch: u64, path: &Path) -> Result<()> {
 }
 
 /// `imager build`.
+/// `--embed-config` and `--config-ca`, read and validated: (path in the
+/// image, text, mode). The paths are where machined looks
+/// (`machined::acquire::EMBEDDED_CONFIG` and `EMBEDDED_CA`).
+fn baked_files(opts: &BuildOptions) -> Result<Vec<(&'static str, String, u32)>> {
+    let mut out = Vec::new();
+    if let Some(cfg) = &opts.embed_config {
+        let text = std::fs::read_to_string(cfg)
+            .with_context(|| format!("--embed-config {}", cfg.display()))?;
+        machine_api::config::MachineConfig::parse(&text).map_err(|p| {
+            anyhow!(
+                "--embed-config {}: the config does not validate (check it with `osctl validate -f`):\n{p}",
+                cfg.display()
+            )
+        })?;
+        // 0600: it holds the node's secrets.
+        out.push(("usr/lib/machined/config.yaml", text, 0o600));
+    }
+    if let Some(ca) = &opts.config_ca {
+        let what = format!("--config-ca {}", ca.display());
+        let text = std::fs::read_to_string(ca).with_context(|| what.clone())?;
+        machine_api::pki::check_ca_bundle(&what, &text)
+            .map_err(|e| anyhow!("{e} (give PEM CA certificates)"))?;
+        out.push(("usr/lib/machined/config-ca.pem", text, 0o644));
+    }
+    Ok(out)
+}
+
 pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     let (profile, profile_text) = Profile::load(&opts.profile)?;
     let lock_path = Lock::path_for(&opts.profile);
@@ -360,6 +390,8 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         .ok_or_else(|| {
             anyhow!("no SOURCE_DATE_EPOCH and the lock's release date does not parse")
         })?;
+    // Files baked in for machined, checked before any slow work.
+    let baked = baked_files(opts)?;
     std::fs::create_dir_all(&opts.output)
         .with_context(|| format!("create {}", opts.output.display()))?;
 
@@ -393,18 +425,10 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         .context("our machined binary (build it with `cargo build --release -p machined`, or pass --machined)")?;
     assemble::add_host_file(&mut image, &opts.init, "init", 0o755)
         .context("our init binary (build it with `cargo build --release -p machined --bin init`, or pass --init)")?;
-    if let Some(cfg) = &opts.embed_config {
-        let text = std::fs::read_to_string(cfg)
-            .with_context(|| format!("--embed-config {}", cfg.display()))?;
-        machine_api::config::MachineConfig::parse(&text).map_err(|p| {
-            anyhow!(
-                "--embed-config {}: the config does not validate (check it with `osctl validate -f`):\n{p}",
-                cfg.display()
-            )
-        })?;
+    for (path, text, mode) in &baked {
         image.insert(
-            Path::new("usr/lib/machined/config.yaml"),
-            Entry::file(0o600, text.into_bytes()),
+            Path::new(path),
+            Entry::file(*mode, text.clone().into_bytes()),
         )?;
     }
     let kubernetes = add_kubernetes(

@@ -54,6 +54,11 @@ enum Command {
         /// Holds secrets: keep such an image as private as the config.
         #[arg(long, value_name = "FILE")]
         embed_config: Option<PathBuf>,
+        /// CA certificates (PEM) that nodes trust for an https
+        /// `machined.config=` URL on the kernel command line, besides the
+        /// public web roots (for a config server of a private PKI).
+        #[arg(long, value_name = "FILE")]
+        config_ca: Option<PathBuf>,
         /// Timestamp for every file (default: the locked release's date).
         #[arg(long, env = "SOURCE_DATE_EPOCH")]
         source_date_epoch: Option<u64>,
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
             kubernetes_dir,
             kubernetes_tarball,
             embed_config,
+            config_ca,
             source_date_epoch,
             jobs,
         } => {
@@ -124,6 +130,7 @@ fn main() -> ExitCode {
                 kubernetes_dir,
                 kubernetes_tarball,
                 embed_config,
+                config_ca,
                 source_date_epoch,
                 jobs,
             };

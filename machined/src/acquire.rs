@@ -5,13 +5,18 @@
 //!    optionally gzipped, then base64);
 //! 3. `machined.config=URL` on the kernel command line (http or https with
 //!    `machined.config.sha256=HEX` to pin the content; fetched with retries
-//!    because the network or the server may still be coming up).
+//!    because the network or the server may still be coming up). An https
+//!    server must present a certificate from a public web CA (the
+//!    webpki-roots list, compiled in: the image carries no CA bundle) or
+//!    from a CA baked into the image with `imager build --config-ca FILE`
+//!    ([`EMBEDDED_CA`]), for servers of a private PKI.
 //!
 //! Then maintenance mode. A config from any source is validated exactly
 //! like an applied one; an invalid one is reported on the console and the
 //! node falls through to the next source, never half-configured.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -27,6 +32,14 @@ pub enum AcquireError {
     #[error("{0}: {1}")]
     Embedded(String, std::io::Error),
 }
+
+/// A config baked into the image (`imager build --embed-config`), relative
+/// to the root.
+pub const EMBEDDED_CONFIG: &str = "usr/lib/machined/config.yaml";
+/// CA certificates baked into the image (`imager build --config-ca`),
+/// trusted for https config URLs besides the public web roots; relative to
+/// the root.
+pub const EMBEDDED_CA: &str = "usr/lib/machined/config-ca.pem";
 
 /// A config text and where it came from.
 #[derive(Debug, Clone)]
@@ -71,8 +84,9 @@ pub fn sources(cmdline: &str, embedded: &Path) -> Vec<String> {
     out
 }
 
-/// Reads one source named by [`sources`].
-pub async fn fetch(source: &str, cmdline: &str) -> Result<Acquired, AcquireError> {
+/// Reads one source named by [`sources`]; `extra_ca` is the image's
+/// [`EMBEDDED_CA`] file (absent on most images).
+pub async fn fetch(source: &str, cmdline: &str, extra_ca: &Path) -> Result<Acquired, AcquireError> {
     let text = if let Some(path) = source.strip_prefix("embedded:") {
         std::fs::read_to_string(path).map_err(|e| AcquireError::Embedded(path.into(), e))?
     } else if source == "machined.config.inline" {
@@ -83,7 +97,7 @@ pub async fn fetch(source: &str, cmdline: &str) -> Result<Acquired, AcquireError
         gunzip_if_needed(bytes).map_err(AcquireError::Inline)?
     } else if let Some(url) = source.strip_prefix("url:") {
         let pin = cmdline_value(cmdline, "machined.config.sha256");
-        fetch_url(url, pin).await?
+        fetch_url(url, pin, extra_ca).await?
     } else {
         return Err(AcquireError::Inline(format!("unknown source {source}")));
     };
@@ -93,7 +107,35 @@ pub async fn fetch(source: &str, cmdline: &str) -> Result<Acquired, AcquireError
     })
 }
 
-async fn fetch_url(url: &str, pin: Option<&str>) -> Result<String, AcquireError> {
+/// TLS for https config URLs: the public web roots plus the image's own CA
+/// certificates, if it has any. A present but unusable CA file is an error
+/// naming it, not silently ignored.
+fn url_tls(extra_ca: &Path) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if extra_ca.exists() {
+        let what = extra_ca.display();
+        let pem = std::fs::read(extra_ca).map_err(|e| format!("{what}: {e}"))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("{what}: not PEM certificates: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{what}: not a usable CA certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("{what}: no certificate found"));
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
+async fn fetch_url(url: &str, pin: Option<&str>, extra_ca: &Path) -> Result<String, AcquireError> {
     let err = |m: String| AcquireError::Url(url.to_owned(), m);
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(err("only http:// and https:// URLs are supported".into()));
@@ -104,11 +146,14 @@ async fn fetch_url(url: &str, pin: Option<&str>) -> Result<String, AcquireError>
         );
     }
     let client = reqwest::Client::builder()
+        .use_preconfigured_tls(url_tls(extra_ca).map_err(err)?)
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| err(e.to_string()))?;
     let mut last = String::new();
+    let mut attempts = 0;
     for attempt in 0..6u32 {
+        attempts += 1;
         if attempt > 0 {
             tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
         }
@@ -126,15 +171,42 @@ async fn fetch_url(url: &str, pin: Option<&str>) -> Result<String, AcquireError>
                 return gunzip_if_needed(body).map_err(err);
             }
             Ok(r) => last = format!("HTTP {}", r.status()),
-            Err(e) => last = e.to_string(),
+            Err(e) => {
+                last = error_chain(&e);
+                // An untrusted server certificate will not change with a retry.
+                if last.contains("invalid peer certificate") {
+                    break;
+                }
+            }
         }
     }
-    Err(err(format!("gave up after 6 attempts: {last}")))
+    Err(err(format!(
+        "gave up after {attempts} attempt{}: {last}",
+        if attempts == 1 { "" } else { "s" }
+    )))
+}
+
+/// An error with its causes ("error sending request" alone does not say
+/// that the server's certificate was not trusted).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_CA_FILE: &str = "/nonexistent/config-ca.pem";
 
     #[tokio::test]
     async fn inline_config_decodes_plain_and_gzipped() {
@@ -143,7 +215,13 @@ mod tests {
         let cmdline = format!("quiet machined.config.inline={b64}");
         let src = sources(&cmdline, Path::new("/nonexistent"));
         assert_eq!(src, vec!["machined.config.inline".to_owned()]);
-        assert_eq!(fetch(&src[0], &cmdline).await.unwrap().text, yaml);
+        assert_eq!(
+            fetch(&src[0], &cmdline, Path::new(NO_CA_FILE))
+                .await
+                .unwrap()
+                .text,
+            yaml
+        );
 
         use std::io::Write;
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -151,17 +229,21 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(gz.finish().unwrap());
         let cmdline = format!("machined.config.inline={b64}");
         assert_eq!(
-            fetch("machined.config.inline", &cmdline)
+            fetch("machined.config.inline", &cmdline, Path::new(NO_CA_FILE))
                 .await
                 .unwrap()
                 .text,
             yaml
         );
 
-        let e = fetch("machined.config.inline", "machined.config.inline=@@@")
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = fetch(
+            "machined.config.inline",
+            "machined.config.inline=@@@",
+            Path::new(NO_CA_FILE),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("machined.config.inline: not base64"), "{e}");
     }
 
@@ -190,16 +272,91 @@ mod tests {
             sources(&cmdline, Path::new("/nonexistent")),
             vec![format!("url:{url}")]
         );
-        let got = fetch(&format!("url:{url}"), &cmdline).await.unwrap();
+        let got = fetch(&format!("url:{url}"), &cmdline, Path::new(NO_CA_FILE))
+            .await
+            .unwrap();
         assert_eq!(got.text, "machine: {}\n");
         let bad = format!(
             "machined.config={url} machined.config.sha256={}",
             "0".repeat(64)
         );
-        let e = fetch(&format!("url:{url}"), &bad)
+        let e = fetch(&format!("url:{url}"), &bad, Path::new(NO_CA_FILE))
             .await
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not match"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn https_source_trusts_public_roots_and_the_image_ca_only() {
+        use machine_api::pki::{CertificateAuthority, LeafSpec, Usage};
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        // A config server of a private PKI, on 127.0.0.1 over TLS.
+        let ca = CertificateAuthority::generate("config server CA").unwrap();
+        let leaf = ca
+            .issue(&LeafSpec::new("config server", Usage::Server).san("127.0.0.1"))
+            .unwrap();
+        let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let Ok(mut s) = acceptor.accept(s).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let body = "machine: {}\n";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        let url = format!("https://{addr}/node.yaml");
+        let source = format!("url:{url}");
+        let cmdline = format!("machined.config={url}");
+
+        // Public web roots only: refused at the first attempt, saying why.
+        let e = fetch(&source, &cmdline, Path::new(NO_CA_FILE))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gave up after 1 attempt:") && e.contains("invalid peer certificate"),
+            "{e}"
+        );
+
+        // The image's CA file makes the private server trusted.
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("config-ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let got = fetch(&source, &cmdline, &ca_file).await.unwrap();
+        assert_eq!(got.text, "machine: {}\n");
+
+        // A CA file without certificates is an error naming it.
+        std::fs::write(&ca_file, "not a certificate\n").unwrap();
+        let e = fetch(&source, &cmdline, &ca_file)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config-ca.pem: no certificate found"), "{e}");
     }
 }

@@ -394,9 +394,10 @@ impl Node {
     /// kernel command line before maintenance mode.
     async fn acquire_config(&self) -> Option<MachineConfig> {
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        let embedded = self.opts.paths.root.join("usr/lib/machined/config.yaml");
+        let embedded = self.opts.paths.root.join(crate::acquire::EMBEDDED_CONFIG);
+        let extra_ca = self.opts.paths.root.join(crate::acquire::EMBEDDED_CA);
         for source in crate::acquire::sources(&cmdline, &embedded) {
-            let got = match crate::acquire::fetch(&source, &cmdline).await {
+            let got = match crate::acquire::fetch(&source, &cmdline, &extra_ca).await {
                 Ok(g) => g,
                 Err(e) => {
                     self.note(format!("config source {source}: {e}"));

@@ -392,6 +392,11 @@ pub fn bootstrapped_node(tmp: &Path, ip: &str) -> (ClusterFiles, Machined) {
 /// machined and init. None (after saying SKIPPED) when the package mirror
 /// is unreachable.
 pub fn build_qemu_image(out: &Path) -> Option<PathBuf> {
+    build_qemu_image_with(out, &[])
+}
+
+/// [`build_qemu_image`] with more `imager build` arguments.
+pub fn build_qemu_image_with(out: &Path, extra: &[&std::ffi::OsStr]) -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let build = Command::new(bin("imager"))
         .current_dir(&root)
@@ -399,6 +404,7 @@ pub fn build_qemu_image(out: &Path) -> Option<PathBuf> {
         .arg(out)
         .args(["--machined", bin("machined").to_str().unwrap()])
         .args(["--init", bin("init").to_str().unwrap()])
+        .args(extra)
         .output()
         .unwrap();
     if !build.status.success() {

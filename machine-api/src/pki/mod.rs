@@ -209,6 +209,24 @@ pub fn check_is_ca(what: &str, cert_pem: &str) -> Result<(), PkiError> {
     Ok(())
 }
 
+/// Checks that `pem_text` holds one or more CA certificates and nothing
+/// else (a trust bundle); returns how many.
+pub fn check_ca_bundle(what: &str, pem_text: &str) -> Result<usize, PkiError> {
+    let bad = |why: String| PkiError::BadCertificate {
+        what: what.to_owned(),
+        why,
+    };
+    let blocks = pem::parse_many(pem_text).map_err(|e| bad(e.to_string()))?;
+    if blocks.is_empty() {
+        return Err(bad("no PEM certificate found".into()));
+    }
+    for (i, block) in blocks.iter().enumerate() {
+        let this = format!("{what} (certificate {})", i + 1);
+        check_is_ca(&this, &pem::encode(block))?;
+    }
+    Ok(blocks.len())
+}
+
 /// SHA-256 of a certificate's DER, as lowercase hex: the fingerprint that
 /// `--cert-fingerprint` pins.
 pub fn fingerprint_sha256(cert_der: &[u8]) -> String {
@@ -449,5 +467,20 @@ mod tests {
         let ca = CertificateAuthority::generate("ca").unwrap();
         let text = format!("{ca:?}");
         assert!(!text.contains("PRIVATE KEY"), "{text}");
+    }
+
+    #[test]
+    fn ca_bundle_accepts_ca_certificates_only() {
+        let a = CertificateAuthority::generate("a").unwrap();
+        let b = CertificateAuthority::generate("b").unwrap();
+        let both = format!("{}{}", a.cert_pem(), b.cert_pem());
+        assert_eq!(check_ca_bundle("ca.pem", &both).unwrap(), 2);
+        let leaf = a.issue(&LeafSpec::new("x", Usage::Server)).unwrap();
+        let e = check_ca_bundle("ca.pem", &format!("{}{}", a.cert_pem(), leaf.cert_pem))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ca.pem (certificate 2)"), "{e}");
+        assert!(check_ca_bundle("ca.pem", "hello").is_err());
+        assert!(check_ca_bundle("ca.pem", &leaf.key_pem).is_err());
     }
 }
