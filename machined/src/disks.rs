@@ -269,21 +269,104 @@ fn prepare_one(
         return Ok(format!("{label} already mounted at {}", target.display()));
     }
     let mut did = Vec::new();
-    if !has_ext4(&part.dev)? {
-        if grow && grow_to_disk_end(part)? {
-            did.push("grew to the end of the disk");
+    let fresh = !has_ext4(&part.dev)?;
+    // A disk made bigger since (a resized VM disk, an image written to a
+    // larger drive after a first boot elsewhere) grows EPHEMERAL too.
+    // Not growing is never a reason to leave the partition unused.
+    if grow {
+        match grow_to_disk_end(part) {
+            Ok(true) => did.push("grew to the end of the disk".to_owned()),
+            Ok(false) => {}
+            Err(e) => {
+                warn!("{e}; {label} keeps its size");
+                did.push(format!("not grown ({e})"));
+            }
         }
+    }
+    if fresh {
         format_ext4(&part.dev, label)?;
-        did.push("formatted ext4");
+        did.push("formatted ext4".into());
     }
     mount_ext4(&part.dev, target)?;
-    did.push("mounted");
+    did.push("mounted".into());
+    if grow && !fresh {
+        // Also after a boot that grew the partition but stopped before the
+        // filesystem followed.
+        match grow_ext4_online(&part.dev) {
+            Ok(Some(line)) => did.push(line),
+            Ok(None) => {}
+            Err(e) => {
+                warn!("{e}; the filesystem keeps its size");
+                did.push(format!("filesystem not grown ({e})"));
+            }
+        }
+    }
     Ok(format!(
         "{label} ({}): {} at {}",
         part.dev.display(),
         did.join(", "),
         target.display()
     ))
+}
+
+/// Size of the ext4 filesystem on `dev` in bytes, from its superblock.
+fn ext4_size(dev: &Path) -> Result<u64, DiskError> {
+    let f = File::open(dev).map_err(|e| DiskError::Io(dev.to_owned(), e))?;
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, 1024)
+        .map_err(|e| DiskError::Io(dev.to_owned(), e))?;
+    Ok(ext4_size_from_superblock(&sb))
+}
+
+/// Block count (low and, with the 64bit feature, high half) times the
+/// block size, from a 1024-byte ext4 superblock.
+fn ext4_size_from_superblock(sb: &[u8; 1024]) -> u64 {
+    let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    const INCOMPAT_64BIT: u32 = 0x80;
+    let mut blocks = u64::from(u32_at(0x04));
+    if u32_at(0x60) & INCOMPAT_64BIT != 0 {
+        blocks |= u64::from(u32_at(0x150)) << 32;
+    }
+    let block_size = 1024u64 << u32_at(0x18).min(16);
+    blocks * block_size
+}
+
+/// Grows a mounted ext4 filesystem to fill its partition with the image's
+/// resize2fs (online: the kernel does it, no fsck, /var stays in use).
+/// Returns what was done, or None when it already fills the partition.
+fn grow_ext4_online(dev: &Path) -> Result<Option<String>, DiskError> {
+    let grow = |m: String| DiskError::Grow(dev.to_owned(), m);
+    let part_size = File::open(dev)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|e| DiskError::Io(dev.to_owned(), e))?;
+    let fs_size = ext4_size(dev)?;
+    // Less than 64 MiB of slack is not worth a resize (and block-size
+    // rounding always leaves a little).
+    if part_size <= fs_size + (64 << 20) {
+        return Ok(None);
+    }
+    let resize2fs = crate::paths::find_binary(None, "resize2fs").ok_or_else(|| {
+        grow(
+            "no resize2fs in this image (add usr/sbin/resize2fs to the image profile's paths)"
+                .into(),
+        )
+    })?;
+    let out = std::process::Command::new(resize2fs)
+        .arg(dev)
+        .output()
+        .map_err(|e| grow(format!("resize2fs: {e}")))?;
+    if !out.status.success() {
+        return Err(grow(format!(
+            "resize2fs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Ok(Some(format!(
+        "ext4 resized from {:.1} to {:.1} GiB",
+        gib(fs_size),
+        gib(ext4_size(dev)?)
+    )))
 }
 
 /// The STATE and EPHEMERAL steps of a node's boot. Returns one line per
@@ -384,5 +467,42 @@ mod tests {
         data[1081] = 0xEF;
         std::fs::write(&f, data).unwrap();
         assert!(has_ext4(&f).unwrap());
+    }
+
+    #[test]
+    fn ext4_size_reads_block_count_and_size_from_the_superblock() {
+        let mut sb = [0u8; 1024];
+        sb[0x04..0x08].copy_from_slice(&262_144u32.to_le_bytes());
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes()); // 4096-byte blocks
+        assert_eq!(ext4_size_from_superblock(&sb), 1 << 30);
+        // The high half counts only with the 64bit feature.
+        sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(ext4_size_from_superblock(&sb), 1 << 30);
+        sb[0x60..0x64].copy_from_slice(&0x80u32.to_le_bytes());
+        assert_eq!(
+            ext4_size_from_superblock(&sb),
+            (1 << 30) + (1u64 << 32) * 4096
+        );
+    }
+
+    #[test]
+    fn ext4_size_matches_what_mke2fs_made() {
+        let Some(mke2fs) = crate::paths::find_binary(None, "mke2fs") else {
+            eprintln!("SKIPPED: no mke2fs on this host");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let ok = std::process::Command::new(mke2fs)
+            .args(["-t", "ext4", "-F", "-q", "-b", "4096"])
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        assert_eq!(ext4_size(&img).unwrap(), 64 << 20);
     }
 }

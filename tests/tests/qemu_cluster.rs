@@ -61,6 +61,14 @@ fn three_vms_form_etcd_survive_losing_one_and_it_rejoins() {
     let st = c.osctl(&[0, 1], &["etcd", "status"]).expect_ok();
     assert!(st.ok, "{}", st.text());
 
+    // Make its disk 1 GiB bigger while it is off (a resized VM disk): the
+    // next boot grows EPHEMERAL and its mounted ext4 into the new space.
+    let disk = std::path::PathBuf::from(c.nodes()[2]["disk"].as_str().unwrap());
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len + (1 << 30)).unwrap();
+    drop(f);
+
     // Restart it from its disk: config and etcd data are on STATE and
     // EPHEMERAL, so it comes back configured and catches up.
     c.restart_vm(2);
@@ -86,6 +94,16 @@ fn three_vms_form_etcd_survive_losing_one_and_it_rejoins() {
     let console = c.console(2);
     let second = &console[console.rfind("init started").unwrap()..];
     assert!(!second.contains("maintenance: no config yet"), "{second}");
+    assert!(!second.contains("formatted ext4"), "{second}");
+    let ephemeral = second
+        .lines()
+        .find(|l| l.contains("EPHEMERAL (/dev/"))
+        .unwrap_or_else(|| panic!("no EPHEMERAL line:\n{second}"));
+    assert!(
+        ephemeral.contains("grew to the end of the disk")
+            && ephemeral.contains("ext4 resized from"),
+        "{ephemeral}"
+    );
     let m = c.osctl(&[0], &["etcd", "members"]).expect_ok();
     assert_eq!(m.stdout.matches("three-cp").count(), 3, "{}", m.text());
     assert!(
