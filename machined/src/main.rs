@@ -53,6 +53,11 @@ struct Cli {
         value_name = "SECONDS"
     )]
     trust_timeout: u64,
+    /// Seconds before expiry at which the node replaces its own
+    /// certificates (OS API server, etcd) while running (default 30 days;
+    /// leaf certificates live a year).
+    #[arg(long, env = "MACHINED_RENEW_BEFORE", default_value_t = 30 * 86_400, value_name = "SECONDS")]
+    renew_before: u64,
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "MACHINED_LOG", default_value = "info")]
     log: String,
@@ -208,11 +213,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         default_hostname,
         host_mode,
         trust_first_timeout: std::time::Duration::from_secs(cli.trust_timeout),
+        renew_before: std::time::Duration::from_secs(cli.renew_before),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let node = Node::new(opts, supervisor.clone(), tx);
     node.boot().await?;
     spawn_state_printer(&supervisor, timeline);
+    tokio::spawn(node.clone().renew_etcd_certificates());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let next = tokio::select! {

@@ -34,6 +34,9 @@ pub struct Options {
     /// How long a worker configured for the first time waits for the trust
     /// endpoint before it gives the config up and returns to maintenance.
     pub trust_first_timeout: Duration,
+    /// How long before expiry the node's own certificates (OS API, etcd)
+    /// are replaced while it runs.
+    pub renew_before: Duration,
 }
 
 /// What the server loop is asked to do next.
@@ -215,6 +218,7 @@ impl Node {
             bin_dir: self.opts.bin_dir.clone(),
             node: self.identity_for(Some(cfg)),
             host_mode: self.opts.host_mode,
+            renew_before: self.opts.renew_before,
         }
     }
 
@@ -454,6 +458,48 @@ impl Node {
         }
         if let Err(e) = nix::unistd::sethostname(&name) {
             self.note(format!("cannot set the host name {name}: {e}"));
+        }
+    }
+
+    /// Replaces the etcd certificates before they expire while etcd runs:
+    /// sleeps until the earliest is due (waking at least hourly to follow
+    /// config changes and clock jumps), then reconciles, which mints new
+    /// ones in place; etcd reads them at its next TLS handshake.
+    pub async fn renew_etcd_certificates(self: Arc<Self>) {
+        loop {
+            let has_etcd = self
+                .config
+                .read()
+                .await
+                .as_ref()
+                .is_some_and(|c| c.has_role(machine_api::config::Role::Etcd));
+            let files = roles::etcd::EtcdFiles::new(&self.opts.paths);
+            let due = has_etcd
+                .then(|| roles::etcd::next_renewal(&files, self.opts.renew_before))
+                .flatten();
+            let now = std::time::SystemTime::now();
+            let wait = match due {
+                // Not minted yet (etcd waits for bootstrap) or no etcd role.
+                None => Duration::from_secs(30),
+                Some(t) => match t.duration_since(now) {
+                    Ok(left) => left.min(Duration::from_secs(3600)),
+                    Err(_) => {
+                        {
+                            let _guard = self.change_lock.lock().await;
+                            self.reconcile().await;
+                        }
+                        let renewed = roles::etcd::next_renewal(&files, self.opts.renew_before)
+                            .is_some_and(|t| t > now);
+                        if renewed {
+                            info!("etcd certificates renewed (etcd keeps running)");
+                        } else {
+                            self.note_event("etcd certificates are due for renewal but were not renewed; retrying in a minute".into());
+                        }
+                        Duration::from_secs(if renewed { 1 } else { 60 })
+                    }
+                },
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 

@@ -174,17 +174,27 @@ pub struct Machined {
     pub log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Machined {
     /// Starts machined with state under `root`, serving on `ip:50000`.
     pub fn start(root: &Path, ip: &str) -> Self {
+        Self::start_with_env(root, ip, &[])
+    }
+
+    /// [`start`](Self::start) with more environment (kept for restarts).
+    pub fn start_with_env(root: &Path, ip: &str, env: &[(&str, &str)]) -> Self {
         let mut m = Machined {
             root: root.to_owned(),
             ip: ip.to_owned(),
             log: root.with_extension("log"),
             child: None,
             starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         m.spawn();
         m
@@ -202,6 +212,7 @@ impl Machined {
             .env("MACHINED_LOG", "info")
             // Workers whose trust endpoint never answers give up quickly.
             .env("MACHINED_TRUST_TIMEOUT", "8")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)

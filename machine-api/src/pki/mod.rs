@@ -209,6 +209,16 @@ pub fn check_is_ca(what: &str, cert_pem: &str) -> Result<(), PkiError> {
     Ok(())
 }
 
+/// When the certificate in `cert_pem` should be replaced: `before` ahead
+/// of its expiry. None when it does not parse (replace it now).
+pub fn renewal_time(cert_pem: &str, before: std::time::Duration) -> Option<std::time::SystemTime> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let not_after = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    let expiry = std::time::UNIX_EPOCH + std::time::Duration::from_secs(not_after);
+    Some(expiry.checked_sub(before).unwrap_or(std::time::UNIX_EPOCH))
+}
+
 /// Checks that `pem_text` holds one or more CA certificates and nothing
 /// else (a trust bundle); returns how many.
 pub fn check_ca_bundle(what: &str, pem_text: &str) -> Result<usize, PkiError> {
@@ -482,5 +492,29 @@ mod tests {
         assert!(e.contains("ca.pem (certificate 2)"), "{e}");
         assert!(check_ca_bundle("ca.pem", "hello").is_err());
         assert!(check_ca_bundle("ca.pem", &leaf.key_pem).is_err());
+    }
+
+    #[test]
+    fn renewal_time_is_before_expiry() {
+        let ca = CertificateAuthority::generate("ca").unwrap();
+        let leaf = ca
+            .issue_for(&LeafSpec::new("x", Usage::Server), Duration::days(10))
+            .unwrap();
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(86_400);
+        let at = renewal_time(&leaf.cert_pem, 3 * day).unwrap();
+        // 10 days of life, renewed 3 days before the end: in about 7 days.
+        let until = at.duration_since(now).unwrap();
+        assert!(
+            until > 7 * day - std::time::Duration::from_secs(120),
+            "{until:?}"
+        );
+        assert!(
+            until < 7 * day + std::time::Duration::from_secs(120),
+            "{until:?}"
+        );
+        // Asking for more notice than its lifetime: due already.
+        assert!(renewal_time(&leaf.cert_pem, 30 * day).unwrap() < now);
+        assert!(renewal_time("garbage", day).is_none());
     }
 }

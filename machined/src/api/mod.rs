@@ -75,6 +75,31 @@ async fn wait_listening(listen: std::net::SocketAddr) {
     warn!("the OS API at {listen} does not accept connections yet");
 }
 
+/// Returns once this node has a replacement for its OS API certificate
+/// `cert_pem` (due `--renew-before` ahead of its expiry): a node holding the
+/// OS CA key mints one at the reload that follows; a worker asks the trust
+/// endpoint first, still serving the current one meanwhile. Never returns
+/// in maintenance mode (that certificate is pinned by fingerprint).
+async fn renew_identity(
+    node: &Node,
+    cfg: Option<&::machine_api::config::MachineConfig>,
+    me: &crate::roles::NodeIdentity,
+    cert_pem: &str,
+) {
+    let Some(cfg) = cfg else {
+        return std::future::pending().await;
+    };
+    let due = ::machine_api::pki::renewal_time(cert_pem, node.opts.renew_before)
+        .unwrap_or_else(std::time::SystemTime::now);
+    // Sleep in bounded steps: the wall clock may jump (NTP, a suspended VM).
+    while let Ok(left) = due.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left.min(Duration::from_secs(3600))).await;
+    }
+    if cfg.secrets.os_ca.key.is_none() {
+        trust::renew(node, cfg, me).await;
+    }
+}
+
 /// Serves until asked to reboot or shut down; restarts the server when the
 /// identity changes (maintenance → configured, reset, new CA or names).
 pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control>) -> Control {
@@ -174,6 +199,10 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
         node.mark_boot_good();
         let next = tokio::select! {
             c = control.recv() => c.unwrap_or(Control::Shutdown),
+            () = renew_identity(&node, cfg.as_ref(), &me, &id.cert_pem) => {
+                info!("OS API certificate due for renewal: serving a new one");
+                Control::Reload
+            }
             r = &mut task => {
                 match r {
                     Ok(Err(e)) => error!("OS API server stopped: {e}"),

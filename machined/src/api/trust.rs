@@ -106,13 +106,18 @@ pub fn endpoint_of(cfg: &MachineConfig) -> Result<(String, String), String> {
 
 /// A kept certificate that still fits: same CA, names and addresses, and
 /// more than 30 days left.
-fn cached(dir: &Path, cfg: &MachineConfig, me: &NodeIdentity) -> Option<(String, String)> {
+fn cached(
+    dir: &Path,
+    cfg: &MachineConfig,
+    me: &NodeIdentity,
+    renew_before: Duration,
+) -> Option<(String, String)> {
     let cert = std::fs::read_to_string(dir.join("os-api.crt")).ok()?;
     let key = std::fs::read_to_string(dir.join("os-api.key")).ok()?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).ok()?;
     let x = pem.parse_x509().ok()?;
     let left = x.validity().time_to_expiration()?;
-    if left < time::Duration::days(30) {
+    if left < time::Duration::try_from(renew_before).ok()? {
         return None;
     }
     let cn_ok = x
@@ -189,7 +194,7 @@ pub async fn worker_identity(
 ) -> Result<ServerIdentity, String> {
     let dir = node.opts.paths.state_dir();
     let ca = cfg.secrets.os_ca.crt.clone();
-    if let Some((cert, key)) = cached(&dir, cfg, me) {
+    if let Some((cert, key)) = cached(&dir, cfg, me, node.opts.renew_before) {
         return Ok(ServerIdentity::new(cert, key, Some(ca)));
     }
     // A worker that never had a certificate gives up after a while: its
@@ -203,15 +208,7 @@ pub async fn worker_identity(
     loop {
         match request_once(cfg, &spec).await {
             Ok((cert, key)) => {
-                for (name, text, mode) in
-                    [("os-api.key", &key, 0o600), ("os-api.crt", &cert, 0o644)]
-                {
-                    if let Err(e) =
-                        machine_api::atomic::write_atomic(&dir.join(name), text.as_bytes(), mode)
-                    {
-                        warn!("cannot keep the OS API certificate on STATE: {e}");
-                    }
-                }
+                keep(&dir, &cert, &key);
                 info!("OS API certificate signed by the trust endpoint");
                 return Ok(ServerIdentity::new(cert, key, Some(ca)));
             }
@@ -224,6 +221,39 @@ pub async fn worker_identity(
             }
             Err((false, e)) => {
                 node.note_event(format!("waiting for the trust endpoint: {e}"));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
+/// Keeps a signed certificate and its key on STATE.
+fn keep(dir: &Path, cert: &str, key: &str) {
+    for (name, text, mode) in [("os-api.key", key, 0o600), ("os-api.crt", cert, 0o644)] {
+        if let Err(e) = machine_api::atomic::write_atomic(&dir.join(name), text.as_bytes(), mode) {
+            warn!("cannot keep the OS API certificate on STATE: {e}");
+        }
+    }
+}
+
+/// A running worker's renewal: asks the trust endpoint for a new
+/// certificate, retrying (every 15 s at most) for as long as it takes,
+/// and keeps it. The caller goes on serving with the current certificate
+/// meanwhile, so a control plane that is down costs nothing until the
+/// old certificate actually expires.
+pub async fn renew(node: &Node, cfg: &MachineConfig, me: &NodeIdentity) {
+    let dir = node.opts.paths.state_dir();
+    let spec = wanted_spec(cfg, me);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match request_once(cfg, &spec).await {
+            Ok((cert, key)) => {
+                keep(&dir, &cert, &key);
+                return;
+            }
+            Err((_, e)) => {
+                node.note_event(format!("renewing the OS API certificate: {e}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(15));
             }

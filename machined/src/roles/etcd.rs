@@ -99,9 +99,11 @@ pub fn bootstrap_marker(paths: &Paths) -> PathBuf {
     paths.state_dir().join("etcd.bootstrap")
 }
 
-/// Mints the server, peer and client certificates when missing or when the
-/// node's names changed. Re-minting keeps the same CA, so peers still trust
-/// the member.
+/// Mints the server, peer and client certificates when missing, when the
+/// node's names changed, or when one is due for renewal. Re-minting keeps
+/// the same CA, so peers still trust the member, and the files keep their
+/// names: etcd reads them at every TLS handshake, so a running etcd takes
+/// renewed certificates without a restart.
 pub fn ensure_certificates(cfg: &MachineConfig, ctx: &RoleContext) -> Result<EtcdFiles, RoleError> {
     let files = EtcdFiles::new(&ctx.paths);
     let io = |p: &PathBuf, e| RoleError::Io(p.display().to_string(), e);
@@ -126,7 +128,10 @@ pub fn ensure_certificates(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Etc
     let stamp = hex::encode(Sha256::digest(format!("{:?}{}", specs, ca_pem.crt)));
     let stamp_file = files.file("minted-for");
     let current = std::fs::read_to_string(&stamp_file).unwrap_or_default();
-    if current == stamp && files.file("client.key").exists() {
+    if current == stamp
+        && files.file("client.key").exists()
+        && next_renewal(&files, ctx.renew_before).is_some_and(|t| t > std::time::SystemTime::now())
+    {
         return Ok(files);
     }
     let ca = CertificateAuthority::from_pem("secrets.etcdCA", &ca_pem.crt, key)
@@ -145,6 +150,22 @@ pub fn ensure_certificates(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Etc
     }
     write("minted-for", &stamp, 0o600)?;
     Ok(files)
+}
+
+/// The earliest renewal time of the minted etcd certificates; None when one
+/// is missing or unreadable.
+pub fn next_renewal(files: &EtcdFiles, before: Duration) -> Option<std::time::SystemTime> {
+    ["server.crt", "peer.crt", "client.crt"]
+        .iter()
+        .map(|n| {
+            let pem = std::fs::read_to_string(files.file(n)).ok()?;
+            machine_api::pki::renewal_time(&pem, before)
+        })
+        .try_fold(None, |acc: Option<std::time::SystemTime>, t| {
+            let t = t?;
+            Some(Some(acc.map_or(t, |a| a.min(t))))
+        })
+        .flatten()
 }
 
 /// etcd flags that go in its config file. Extra args may override them.

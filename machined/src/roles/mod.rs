@@ -45,6 +45,8 @@ pub struct RoleContext {
     /// Host mode: several nodes share one host, so services bind only
     /// their node's address; a real node binds all of its addresses.
     pub host_mode: bool,
+    /// Certificates this close to expiry are minted again.
+    pub renew_before: std::time::Duration,
 }
 
 impl RoleContext {
