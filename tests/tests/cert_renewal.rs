@@ -8,7 +8,9 @@
 //!   serving the old one, keeps it on STATE, then serves it;
 //! - etcd's server, peer and client certificates are minted again in place
 //!   and the running etcd (same process) presents the new server
-//!   certificate at the next handshake, checked with openssl.
+//!   certificate at the next handshake, checked with openssl;
+//! - a worker restarted with a certificate that is due (not expired)
+//!   serves it at once, even while no trust endpoint answers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -131,4 +133,23 @@ fn running_nodes_renew_their_certificates_without_restarts() {
         "etcdctl with renewed certificates",
         || node.etcdctl(&["put", "renewed", "yes"]).ok,
     );
+
+    // A worker restarted with a certificate that is due but not expired
+    // serves it at once, even with no trust endpoint to renew it (the
+    // control plane's machined is down), and keeps asking meanwhile.
+    let mut node = node;
+    node.kill();
+    let mut worker = worker;
+    worker.restart();
+    worker.wait_configured();
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted worker answering without its trust endpoint",
+        || files.osctl(&[w], &["version"]).ok,
+    );
+    wait_until(Duration::from_secs(30), "the renewal attempts", || {
+        worker
+            .log_text()
+            .contains("renewing the OS API certificate")
+    });
 }

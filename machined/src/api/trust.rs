@@ -105,21 +105,15 @@ pub fn endpoint_of(cfg: &MachineConfig) -> Result<(String, String), String> {
 }
 
 /// A kept certificate that still fits: same CA, names and addresses, and
-/// more than 30 days left.
-fn cached(
-    dir: &Path,
-    cfg: &MachineConfig,
-    me: &NodeIdentity,
-    renew_before: Duration,
-) -> Option<(String, String)> {
+/// not expired (one due for renewal is served and renewed).
+fn cached(dir: &Path, cfg: &MachineConfig, me: &NodeIdentity) -> Option<(String, String)> {
     let cert = std::fs::read_to_string(dir.join("os-api.crt")).ok()?;
     let key = std::fs::read_to_string(dir.join("os-api.key")).ok()?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).ok()?;
     let x = pem.parse_x509().ok()?;
-    let left = x.validity().time_to_expiration()?;
-    if left < time::Duration::try_from(renew_before).ok()? {
-        return None;
-    }
+    // Any time left will do: one due for renewal is served while the serve
+    // loop asks for its replacement, so a restart never costs the API.
+    x.validity().time_to_expiration()?;
     let cn_ok = x
         .subject()
         .iter_common_name()
@@ -194,7 +188,7 @@ pub async fn worker_identity(
 ) -> Result<ServerIdentity, String> {
     let dir = node.opts.paths.state_dir();
     let ca = cfg.secrets.os_ca.crt.clone();
-    if let Some((cert, key)) = cached(&dir, cfg, me, node.opts.renew_before) {
+    if let Some((cert, key)) = cached(&dir, cfg, me) {
         return Ok(ServerIdentity::new(cert, key, Some(ca)));
     }
     // A worker that never had a certificate gives up after a while: its
