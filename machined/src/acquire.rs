@@ -208,6 +208,23 @@ mod tests {
 
     const NO_CA_FILE: &str = "/nonexistent/config-ca.pem";
 
+    /// Reads a request and answers `machine: {}` (a test config server).
+    async fn answer_one_request<S>(s: &mut S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        let body = "machine: {}\n";
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(resp.as_bytes()).await;
+        let _ = s.shutdown().await;
+    }
+
     #[tokio::test]
     async fn inline_config_decodes_plain_and_gzipped() {
         let yaml = "machine: {}\n";
@@ -249,20 +266,12 @@ mod tests {
 
     #[tokio::test]
     async fn url_source_is_fetched_and_its_pin_checked() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let body = "machine: {}\n";
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
+                answer_one_request(&mut s).await;
             }
         });
         let url = format!("http://{addr}/node.yaml");
@@ -291,7 +300,6 @@ mod tests {
     async fn https_source_trusts_public_roots_and_the_image_ca_only() {
         use machine_api::pki::{CertificateAuthority, LeafSpec, Usage};
         use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         // A config server of a private PKI, on 127.0.0.1 over TLS.
         let ca = CertificateAuthority::generate("config server CA").unwrap();
@@ -319,15 +327,7 @@ mod tests {
                 let Ok(mut s) = acceptor.accept(s).await else {
                     continue;
                 };
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let body = "machine: {}\n";
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(resp.as_bytes()).await;
-                let _ = s.shutdown().await;
+                answer_one_request(&mut s).await;
             }
         });
         let url = format!("https://{addr}/node.yaml");

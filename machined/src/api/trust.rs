@@ -196,25 +196,54 @@ pub async fn worker_identity(
     // would leave it unreachable. One with a kept certificate (a renewal,
     // a control plane that is down) keeps waiting.
     let first_time = !dir.join(KEPT_FILES[0]).exists();
-    let give_up = std::time::Instant::now() + node.opts.trust_first_timeout;
+    let timeout = node.opts.trust_first_timeout;
+    let give_up = first_time.then(|| std::time::Instant::now() + timeout);
     let spec = wanted_spec(cfg, me);
+    match request_until(
+        node,
+        cfg,
+        &spec,
+        "waiting for the trust endpoint",
+        true,
+        give_up,
+    )
+    .await
+    {
+        Ok((cert, key)) => {
+            keep(&dir, &cert, &key);
+            info!("OS API certificate signed by the trust endpoint");
+            Ok(ServerIdentity::new(cert, key, Some(ca)))
+        }
+        Err((true, e)) => Err(format!("the trust endpoint refused this worker: {e}")),
+        Err((false, e)) => Err(format!(
+            "the trust endpoint gave no answer within {}s: {e}",
+            timeout.as_secs()
+        )),
+    }
+}
+
+/// Asks the trust endpoint until it signs, retrying after 1 s, doubling up
+/// to every 15 s, and noting each distinct failure as `{doing}: REASON`.
+/// Ends early with `(true, reason)` on a definitive refusal when
+/// `refusal_ends`, and with `(false, reason)` once `give_up` has passed.
+async fn request_until(
+    node: &Node,
+    cfg: &MachineConfig,
+    spec: &machine_api::pki::LeafSpec,
+    doing: &str,
+    refusal_ends: bool,
+    give_up: Option<std::time::Instant>,
+) -> Result<(String, String), (bool, String)> {
     let mut backoff = Duration::from_secs(1);
     loop {
-        match request_once(cfg, &spec).await {
-            Ok((cert, key)) => {
-                keep(&dir, &cert, &key);
-                info!("OS API certificate signed by the trust endpoint");
-                return Ok(ServerIdentity::new(cert, key, Some(ca)));
+        match request_once(cfg, spec).await {
+            Ok(signed) => return Ok(signed),
+            Err((true, e)) if refusal_ends => return Err((true, e)),
+            Err((_, e)) if give_up.is_some_and(|t| std::time::Instant::now() >= t) => {
+                return Err((false, e))
             }
-            Err((true, e)) => return Err(format!("the trust endpoint refused this worker: {e}")),
-            Err((false, e)) if first_time && std::time::Instant::now() >= give_up => {
-                return Err(format!(
-                    "the trust endpoint gave no answer within {}s: {e}",
-                    node.opts.trust_first_timeout.as_secs()
-                ))
-            }
-            Err((false, e)) => {
-                node.note_event(format!("waiting for the trust endpoint: {e}"));
+            Err((_, e)) => {
+                node.note_event(format!("{doing}: {e}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(15));
             }
@@ -237,21 +266,10 @@ fn keep(dir: &Path, cert: &str, key: &str) {
 /// meanwhile, so a control plane that is down costs nothing until the
 /// old certificate actually expires.
 pub async fn renew(node: &Node, cfg: &MachineConfig, me: &NodeIdentity) {
-    let dir = node.opts.paths.state_dir();
     let spec = wanted_spec(cfg, me);
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match request_once(cfg, &spec).await {
-            Ok((cert, key)) => {
-                keep(&dir, &cert, &key);
-                return;
-            }
-            Err((_, e)) => {
-                node.note_event(format!("renewing the OS API certificate: {e}"));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(15));
-            }
-        }
+    let doing = "renewing the OS API certificate";
+    if let Ok((cert, key)) = request_until(node, cfg, &spec, doing, false, None).await {
+        keep(&node.opts.paths.state_dir(), &cert, &key);
     }
 }
 

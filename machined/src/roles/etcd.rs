@@ -128,10 +128,10 @@ pub fn ensure_certificates(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Etc
     let stamp = hex::encode(Sha256::digest(format!("{:?}{}", specs, ca_pem.crt)));
     let stamp_file = files.file("minted-for");
     let current = std::fs::read_to_string(&stamp_file).unwrap_or_default();
-    if current == stamp
-        && files.file("client.key").exists()
-        && next_renewal(&files, ctx.renew_before).is_some_and(|t| t > std::time::SystemTime::now())
-    {
+    let same = current == stamp && files.file("client.key").exists();
+    let due =
+        next_renewal(&files, ctx.renew_before).is_none_or(|t| t <= std::time::SystemTime::now());
+    if same && !due {
         return Ok(files);
     }
     let ca = CertificateAuthority::from_pem("secrets.etcdCA", &ca_pem.crt, key)
@@ -149,6 +149,9 @@ pub fn ensure_certificates(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Etc
         write(&format!("{name}.key"), &leaf.key_pem, 0o600)?;
     }
     write("minted-for", &stamp, 0o600)?;
+    if same {
+        tracing::info!("etcd certificates renewed (etcd keeps running)");
+    }
     Ok(files)
 }
 
