@@ -43,7 +43,7 @@ struct FlakyPreStart {
 
 #[async_trait]
 impl PreStart for FlakyPreStart {
-    async fn run(&self) -> Result<(), String> {
+    async fn run(&self, _progress: &machined::supervisor::Progress) -> Result<(), String> {
         let run = self.runs.fetch_add(1, Ordering::SeqCst);
         if run < self.failures {
             Err(format!("member add refused (attempt {})", run + 1))

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::etcd_client::EtcdClient;
 use super::{RoleContext, RoleError};
 use crate::paths::Paths;
-use crate::supervisor::{HealthCheck, PreStart, ServiceSpec};
+use crate::supervisor::{HealthCheck, PreStart, Progress, ServiceSpec};
 
 pub const SERVICE: &str = "etcd";
 
@@ -273,37 +273,54 @@ impl EtcdPreStart {
         }
     }
 
-    async fn join(&self, endpoints: Vec<String>) -> Result<String, String> {
+    /// Adds this member (when needed) and returns etcd's initial-cluster.
+    /// `Err((true, why))` is a wait, not a failure: no member answers yet
+    /// (the first one is still starting), or etcd refuses a second member
+    /// while an added one has not started ("not enough started members",
+    /// "unhealthy cluster").
+    async fn join(&self, endpoints: Vec<String>) -> Result<String, (bool, String)> {
         let client = self
             .files
             .local_client(endpoints)
-            .map_err(|e| e.to_string())?;
-        let members = client
-            .members()
-            .await
-            .map_err(|e| format!("cannot list members to join: {e}"))?;
+            .map_err(|e| (false, e.to_string()))?;
+        let not_yet = |e: &str| {
+            e.contains("error sending request")
+                || e.contains("not enough started members")
+                || e.contains("unhealthy cluster")
+                || e.contains("HTTP 503")
+        };
+        let members = client.members().await.map_err(|e| {
+            let e = format!("cannot list members to join: {e}");
+            (not_yet(&e), e)
+        })?;
         let mine = members
             .iter()
             .find(|m| m.peer_urls.contains(&self.peer_url));
         let members = match mine {
             Some(m) if !m.name.is_empty() && m.name != self.name => {
-                return Err(format!(
-                    "peer URL {} already belongs to member {:?}; remove it first",
-                    self.peer_url, m.name
+                return Err((
+                    false,
+                    format!(
+                        "peer URL {} already belongs to member {:?}; remove it first",
+                        self.peer_url, m.name
+                    ),
                 ))
             }
             // This node was a member before and lost its data (reset, new
             // disk): the old member must go, or etcd would crash-loop on
             // raft state it no longer has.
             Some(m) if m.name == self.name => {
-                client
-                    .remove_member(m.id)
-                    .await
-                    .map_err(|e| format!("removing this node's stale member failed: {e}"))?;
+                client.remove_member(m.id).await.map_err(|e| {
+                    let e = format!("removing this node's stale member failed: {e}");
+                    (not_yet(&e), e)
+                })?;
                 let (_, all) = client
                     .add_member(std::slice::from_ref(&self.peer_url))
                     .await
-                    .map_err(|e| format!("member add failed: {e}"))?;
+                    .map_err(|e| {
+                        let e = format!("member add failed: {e}");
+                        (not_yet(&e), e)
+                    })?;
                 all
             }
             // Added by an earlier attempt that never started.
@@ -312,7 +329,10 @@ impl EtcdPreStart {
                 let (_, all) = client
                     .add_member(std::slice::from_ref(&self.peer_url))
                     .await
-                    .map_err(|e| format!("member add failed: {e}"))?;
+                    .map_err(|e| {
+                        let e = format!("member add failed: {e}");
+                        (not_yet(&e), e)
+                    })?;
                 all
             }
         };
@@ -337,7 +357,7 @@ impl EtcdPreStart {
 
 #[async_trait]
 impl PreStart for EtcdPreStart {
-    async fn run(&self) -> Result<(), String> {
+    async fn run(&self, progress: &Progress) -> Result<(), String> {
         use serde_json::json;
         let mut config = self.config.clone();
         let first = self.first_start();
@@ -362,7 +382,20 @@ impl PreStart for EtcdPreStart {
                 return Err("no data, no bootstrap and no cluster.etcd.endpoints to join: run `osctl bootstrap` on the first etcd node".into())
             }
             FirstStart::Join(endpoints) => {
-                let initial = self.join(endpoints).await?;
+                // Waiting for the cluster is not a failure: retry each
+                // second, saying why, for up to JOIN_WAIT; only then fail
+                // (and let the supervisor back off).
+                let deadline = std::time::Instant::now() + JOIN_WAIT;
+                let initial = loop {
+                    match self.join(endpoints.clone()).await {
+                        Ok(initial) => break initial,
+                        Err((true, why)) if std::time::Instant::now() < deadline => {
+                            progress(format!("waiting to join: {why}"));
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err((_, why)) => return Err(why),
+                    }
+                };
                 config.insert("initial-cluster".into(), json!(initial));
                 config.insert("initial-cluster-state".into(), json!("existing"));
             }
@@ -372,6 +405,10 @@ impl PreStart for EtcdPreStart {
         write_atomic(&p, text.as_bytes(), 0o600).map_err(|e| format!("{}: {e}", p.display()))
     }
 }
+
+/// How long a joining member waits for the cluster to take it before its
+/// start counts as failed.
+const JOIN_WAIT: Duration = Duration::from_secs(120);
 
 /// Health from etcd's own `/health` over mutual TLS.
 struct EtcdHealth {

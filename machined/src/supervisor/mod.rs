@@ -44,7 +44,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 pub use control::Supervisor;
 pub use error::SupervisorError;
 pub use health::{AlwaysHealthy, TcpConnectCheck};
-pub use spec::{HealthCheck, PreStart, ServiceSpec};
+pub use spec::{HealthCheck, PreStart, Progress, ServiceSpec};
 pub use status::{ServiceState, ServiceStatus};
 
 /// Where the supervisor keeps its files.

@@ -238,7 +238,11 @@ impl Runner {
         };
         self.set_state(ServiceState::Starting, String::new());
         if let Some(pre_start) = spec.pre_start.clone() {
-            let step = pre_start.run();
+            let (shared, name) = (self.shared.clone(), self.name.clone());
+            let progress = move |message: String| {
+                shared.update(&name, |r| r.status.message = message);
+            };
+            let step = pre_start.run(&progress);
             tokio::pin!(step);
             let result = loop {
                 tokio::select! {

@@ -26,11 +26,16 @@ pub trait HealthCheck: Send + Sync {
 /// etcd member before the member's process is launched.
 ///
 /// An `Err` marks the service Failed with that message; the start is then
-/// retried with the usual backoff.
+/// retried with the usual backoff. A step that waits for something (not a
+/// failure) says why through `progress`, which becomes the service's
+/// status message while it stays Starting.
 #[async_trait]
 pub trait PreStart: Send + Sync {
-    async fn run(&self) -> Result<(), String>;
+    async fn run(&self, progress: &Progress) -> Result<(), String>;
 }
+
+/// How a [`PreStart`] step reports what it is waiting for.
+pub type Progress = dyn Fn(String) + Send + Sync;
 
 /// The desired state of one supervised service.
 #[derive(Clone)]
