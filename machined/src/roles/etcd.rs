@@ -341,9 +341,13 @@ impl EtcdPreStart {
             let name = if m.peer_urls.contains(&self.peer_url) {
                 self.name.clone()
             } else if m.name.is_empty() {
-                // Another member added but never started: etcd cannot
-                // name it in initial-cluster; it will be listed once it runs.
-                continue;
+                // Another member added but not started yet: it has no name,
+                // but etcd checks initial-cluster against every member's
+                // peer URLs, so it must be listed (with an empty name, as
+                // `etcdctl member add` prints it). Leaving it out made both
+                // of two joiners that were added before either started fail
+                // "error validating peerURLs" forever, without quorum.
+                String::new()
             } else {
                 m.name.clone()
             };
