@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use machine_api::layout::{self, artifact, Slot};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -449,12 +450,12 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     // 3. Outputs.
     let name = &profile.name;
     let mut outputs: Vec<(PathBuf, &str)> = Vec::new();
-    let kernel_path = opts.output.join(format!("{name}-vmlinuz"));
+    let kernel_path = opts.output.join(artifact::kernel(name));
     std::fs::write(&kernel_path, &kernel)?;
     outputs.push((kernel_path, "kernel"));
     if profile.outputs.contains(&OutputKind::Initramfs) {
         progress.step("writing initramfs (cpio newc, zstd)");
-        let p = opts.output.join(format!("{name}-initramfs.cpio.zst"));
+        let p = opts.output.join(artifact::initramfs(name));
         write_zstd_cpio(&image, epoch, &p)?;
         outputs.push((p, "initramfs"));
     }
@@ -467,7 +468,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         // VM boots kernel + this initrd directly and takes its root from
         // the disk's slot A, skipping the firmware and the unpacking of the
         // full initramfs (local clusters do this).
-        let boot_initrd = opts.output.join(format!("{name}-boot-initrd.cpio.zst"));
+        let boot_initrd = opts.output.join(artifact::boot_initrd(name));
         if boot_initrd.exists() {
             outputs.push((boot_initrd, "boot-initrd"));
         }
@@ -689,7 +690,7 @@ fn write_disk(
     // The disk's initramfs holds only init and the kernel modules: init
     // loads them, mounts slot A's squashfs (found by partition name) and
     // switches to it, so the root is the verified read-only slot.
-    let initrd = opts.output.join(format!("{name}-boot-initrd.cpio.zst"));
+    let initrd = opts.output.join(artifact::boot_initrd(name));
     let mut boot = crate::assemble::boot_initramfs(image)?;
     // init is dynamically linked: its loader and libraries come along.
     elf::close(&mut boot, staging)?;
@@ -712,30 +713,13 @@ fn write_disk(
     .ok_or_else(|| {
         anyhow!("no systemd-bootx64.efi: add systemd-boot-efi to the profile's packages")
     })?;
-    let entry = format!(
-        "title Kubernetes node OS {} (slot A)\nversion {}\nlinux /A/vmlinuz\ninitrd /A/initrd\noptions {} slot=A\n",
-        profile.name,
-        env!("CARGO_PKG_VERSION"),
-        profile.kernel.cmdline
+    let files = esp_files(
+        profile,
+        Slot::A,
+        sd_boot.as_ref(),
+        kernel,
+        std::fs::read(&initrd)?,
     );
-    let files: Vec<(String, Vec<u8>)> = vec![
-        ("EFI/BOOT/BOOTX64.EFI".into(), sd_boot.as_ref().clone()),
-        (
-            "EFI/systemd/systemd-bootx64.efi".into(),
-            sd_boot.as_ref().clone(),
-        ),
-        (
-            "loader/loader.conf".into(),
-            b"timeout 0\ndefault slot-*\neditor no\n".to_vec(),
-        ),
-        // "+3": systemd-boot counts down tries on each boot. Marking the
-        // entry good once the node is healthy belongs to the boot work
-        // (not built yet); until then the counter runs down to +0, which
-        // systemd-boot still boots, last.
-        ("loader/entries/slot-a+3.conf".into(), entry.into_bytes()),
-        ("A/vmlinuz".into(), kernel.to_vec()),
-        ("A/initrd".into(), std::fs::read(&initrd)?),
-    ];
     progress.step("writing the EFI system partition (FAT32, systemd-boot)");
     let esp = work.path().join("esp.img");
     {
@@ -753,59 +737,201 @@ fn write_disk(
         fat::write_esp(
             &files,
             profile.disk.esp_mib << 20,
-            "ESP",
+            layout::ESP_LABEL,
             seed,
             epoch,
             &mut f,
         )?;
     }
     progress.step("writing the GPT disk image");
-    let disk = opts.output.join(format!("{name}-disk.raw"));
+    let disk = opts.output.join(artifact::disk(name));
     let seed = format!("{}:{}", profile.name, lock.release_sha256);
-    use gpt_disk::PartitionSpec;
     gpt_disk::write_disk(
         &disk,
         profile.disk.size_mib << 20,
         &seed,
-        &[
-            PartitionSpec {
-                name: "EFI".into(),
-                type_guid: gpt_disk::ESP,
-                size_bytes: profile.disk.esp_mib << 20,
-                contents: Some(esp),
-            },
-            PartitionSpec {
-                name: "A".into(),
-                type_guid: gpt_disk::LINUX_ROOT_X86_64,
-                size_bytes: profile.disk.slot_mib << 20,
-                contents: Some(root),
-            },
-            PartitionSpec {
-                name: "B".into(),
-                type_guid: gpt_disk::LINUX_ROOT_X86_64,
-                size_bytes: profile.disk.slot_mib << 20,
-                contents: None,
-            },
-            PartitionSpec {
-                name: "STATE".into(),
-                type_guid: gpt_disk::LINUX_DATA,
-                size_bytes: profile.disk.state_mib << 20,
-                contents: None,
-            },
-            PartitionSpec {
-                name: "EPHEMERAL".into(),
-                type_guid: gpt_disk::LINUX_DATA,
-                size_bytes: 0,
-                contents: None,
-            },
-        ],
+        &disk_partitions(&profile.disk, esp, root),
     )?;
     Ok(disk)
+}
+
+/// The ESP's files for booting `slot`: systemd-boot (at the firmware's
+/// fallback path and its own), loader.conf, the slot's boot-counted entry,
+/// and the slot's kernel and initramfs. Names and paths are the image
+/// layout contract's ([`machine_api::layout`]).
+fn esp_files(
+    profile: &Profile,
+    slot: Slot,
+    sd_boot: &[u8],
+    kernel: &[u8],
+    initrd: Vec<u8>,
+) -> Vec<(String, Vec<u8>)> {
+    let entry = format!(
+        "title Kubernetes node OS {} (slot {slot})\nversion {}\nlinux /{}\ninitrd /{}\noptions {} {}\n",
+        profile.name,
+        env!("CARGO_PKG_VERSION"),
+        slot.kernel_path(),
+        slot.initrd_path(),
+        profile.kernel.cmdline,
+        slot.cmdline_arg(),
+    );
+    vec![
+        (layout::EFI_FALLBACK_LOADER.into(), sd_boot.to_vec()),
+        (layout::SYSTEMD_BOOT.into(), sd_boot.to_vec()),
+        (
+            layout::LOADER_CONF.into(),
+            format!("timeout 0\ndefault {}\neditor no\n", layout::LOADER_DEFAULT).into_bytes(),
+        ),
+        // "+3": systemd-boot counts down tries on each boot; machined
+        // renames the entry to `slot-a.conf` (good) once its API serves.
+        // Should it never get there, the counter runs down to +0, which
+        // systemd-boot still boots, last.
+        (
+            format!(
+                "{}/{}",
+                layout::ENTRIES_DIR,
+                slot.counted_entry(layout::BOOT_TRIES)
+            ),
+            entry.into_bytes(),
+        ),
+        (slot.kernel_path(), kernel.to_vec()),
+        (slot.initrd_path(), initrd),
+    ]
+}
+
+/// The disk's partitions, in order: ESP (`esp`'s contents), slot A
+/// (`root`), slot B (empty until the first upgrade), STATE, and EPHEMERAL
+/// (the rest of the disk). Names and type GUIDs are the image layout
+/// contract's ([`machine_api::layout`]).
+fn disk_partitions(
+    disk: &crate::profile::Disk,
+    esp: PathBuf,
+    root: PathBuf,
+) -> Vec<gpt_disk::PartitionSpec> {
+    use gpt_disk::PartitionSpec;
+    vec![
+        PartitionSpec {
+            name: layout::ESP_PARTITION.into(),
+            type_guid: gpt_disk::ESP,
+            size_bytes: disk.esp_mib << 20,
+            contents: Some(esp),
+        },
+        PartitionSpec {
+            name: Slot::A.partition().into(),
+            type_guid: gpt_disk::LINUX_ROOT_X86_64,
+            size_bytes: disk.slot_mib << 20,
+            contents: Some(root),
+        },
+        PartitionSpec {
+            name: Slot::B.partition().into(),
+            type_guid: gpt_disk::LINUX_ROOT_X86_64,
+            size_bytes: disk.slot_mib << 20,
+            contents: None,
+        },
+        PartitionSpec {
+            name: layout::STATE_PARTITION.into(),
+            type_guid: gpt_disk::LINUX_DATA,
+            size_bytes: disk.state_mib << 20,
+            contents: None,
+        },
+        PartitionSpec {
+            name: layout::EPHEMERAL_PARTITION.into(),
+            type_guid: gpt_disk::LINUX_DATA,
+            size_bytes: 0,
+            contents: None,
+        },
+    ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The disk imager writes is the one init and machined look for: the
+    /// partitions, ESP paths, boot entry and `slot=` of
+    /// [`machine_api::layout`] (whose own test pins the values).
+    #[test]
+    fn the_disk_follows_the_image_layout_contract() {
+        let d = tempfile::tempdir().unwrap();
+        let (esp, root) = (d.path().join("esp.img"), d.path().join("root.img"));
+        std::fs::write(&esp, b"esp").unwrap();
+        std::fs::write(&root, b"root").unwrap();
+        let small = crate::profile::Disk {
+            size_mib: 64,
+            esp_mib: 8,
+            slot_mib: 8,
+            state_mib: 8,
+        };
+        let disk = d.path().join("disk.raw");
+        let specs = disk_partitions(&small, esp, root);
+        gpt_disk::write_disk(&disk, small.size_mib << 20, "seed", &specs).unwrap();
+        let parts: Vec<(String, u128)> = gpt_disk::list(&disk)
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name, p.type_guid.as_u128()))
+            .collect();
+        use layout::type_guid::{ESP, LINUX_DATA, ROOT_X86_64};
+        assert_eq!(
+            parts,
+            [
+                (layout::ESP_PARTITION.to_owned(), ESP),
+                (Slot::A.partition().to_owned(), ROOT_X86_64),
+                (Slot::B.partition().to_owned(), ROOT_X86_64),
+                (layout::STATE_PARTITION.to_owned(), LINUX_DATA),
+                (layout::EPHEMERAL_PARTITION.to_owned(), LINUX_DATA),
+            ]
+        );
+        // EPHEMERAL is last and takes the rest: machined grows it.
+        assert_eq!(specs.last().unwrap().size_bytes, 0);
+
+        let profile_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/qemu.yaml");
+        let (profile, _) = Profile::load(&profile_path).unwrap();
+        let files = esp_files(&profile, Slot::A, b"sd-boot", b"kernel", b"initrd".to_vec());
+        let file = |path: &str| -> String {
+            let (_, data) = files
+                .iter()
+                .find(|(p, _)| p == path)
+                .unwrap_or_else(|| panic!("no {path} on the ESP"));
+            String::from_utf8_lossy(data).into_owned()
+        };
+        assert_eq!(file(layout::EFI_FALLBACK_LOADER), "sd-boot");
+        assert_eq!(file(&Slot::A.kernel_path()), "kernel");
+        assert_eq!(file(&Slot::A.initrd_path()), "initrd");
+        let entry_name = Slot::A.counted_entry(layout::BOOT_TRIES);
+        let entry = file(&format!("{}/{entry_name}", layout::ENTRIES_DIR));
+        assert!(
+            entry.contains(&format!("\nlinux /{}\n", Slot::A.kernel_path())),
+            "{entry}"
+        );
+        assert!(
+            entry.contains(&format!("\ninitrd /{}\n", Slot::A.initrd_path())),
+            "{entry}"
+        );
+        let options = entry
+            .lines()
+            .find_map(|l| l.strip_prefix("options "))
+            .unwrap();
+        assert!(
+            options
+                .split_whitespace()
+                .any(|w| w == Slot::A.cmdline_arg()),
+            "{entry}"
+        );
+        // systemd-boot's default pattern picks the entry, and machined can
+        // take its counter off.
+        let loader = file(layout::LOADER_CONF);
+        let pattern = layout::LOADER_DEFAULT.strip_suffix('*').unwrap();
+        assert!(
+            loader.contains(&format!("default {}", layout::LOADER_DEFAULT)),
+            "{loader}"
+        );
+        assert!(entry_name.starts_with(pattern));
+        assert!(Slot::A.is_counted_entry(&entry_name));
+        assert_eq!(
+            layout::entry_without_counter(&entry_name),
+            Some(Slot::A.good_entry())
+        );
+    }
 
     #[test]
     fn sparse_hash_equals_plain_hash() {

@@ -3,7 +3,7 @@
 //! check reproducibility, and boot the result under QEMU (TCG).
 //!
 //! Needs the package mirror from the host's apt configuration; without it
-//! the tests say SKIPPED. Packages are cached by content hash, so only the
+//! the tests say SKIPPED (and fail under CI). Packages are cached by content hash, so only the
 //! first run downloads.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use machine_api::layout::{self, Slot};
+use machine_api::testing::skip;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -26,14 +29,6 @@ fn imager(args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 /// machined and init, built by the workspace build that precedes the tests.
@@ -86,7 +81,7 @@ fn built() -> Option<&'static (PathBuf, tempfile::TempDir)> {
             if !profile.with_extension("lock").exists() {
                 let (ok, out) = imager(&["lock", profile.to_str().unwrap()]);
                 if !ok {
-                    eprintln!("SKIPPED: cannot lock against the mirror: {out}");
+                    skip(format!("cannot lock against the mirror: {out}"));
                     return None;
                 }
             }
@@ -106,7 +101,7 @@ fn built() -> Option<&'static (PathBuf, tempfile::TempDir)> {
                     || out.contains("resolve")
                     || out.contains("connect"))
             {
-                eprintln!("SKIPPED: the package mirror is unreachable: {out}");
+                skip(format!("the package mirror is unreachable: {out}"));
                 return None;
             }
             assert!(ok, "build failed:\n{out}");
@@ -175,7 +170,13 @@ fn disk_reads_back_with_sgdisk_mtools_and_unsquashfs() {
         .output()
         .expect("gdisk installed");
     let text = String::from_utf8_lossy(&p.stdout);
-    for name in ["EFI", "A", "B", "STATE", "EPHEMERAL"] {
+    for name in [
+        layout::ESP_PARTITION,
+        Slot::A.partition(),
+        Slot::B.partition(),
+        layout::STATE_PARTITION,
+        layout::EPHEMERAL_PARTITION,
+    ] {
         assert!(
             text.lines()
                 .any(|l| l.split_whitespace().last() == Some(name)),
@@ -218,11 +219,21 @@ fn disk_reads_back_with_sgdisk_mtools_and_unsquashfs() {
         listing.contains("BOOTX64") && listing.contains("vmlinuz"),
         "{listing}"
     );
+    let entry_path = format!(
+        "::/{}/{}",
+        layout::ENTRIES_DIR,
+        Slot::A.counted_entry(layout::BOOT_TRIES)
+    );
     let entry = Command::new("mtype")
-        .args(["-i", &esp, "::/loader/entries/slot-a+3.conf"])
+        .args(["-i", &esp, &entry_path])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&entry.stdout).contains("linux /A/vmlinuz"));
+    let entry = String::from_utf8_lossy(&entry.stdout);
+    assert!(
+        entry.contains(&format!("linux /{}", Slot::A.kernel_path()))
+            && entry.contains(&Slot::A.cmdline_arg()),
+        "{entry}"
+    );
     // Slot A holds the squashfs root.
     let bytes = std::fs::read(&disk).unwrap();
     let a = start(2) as usize;
@@ -318,8 +329,7 @@ fn a_missing_library_fails_naming_binary_library_and_package() {
     let _ = std::fs::remove_file(profile.with_extension("lock"));
     let (ok, out) = imager(&["lock", profile.to_str().unwrap()]);
     if !ok {
-        eprintln!("SKIPPED: cannot lock against the mirror: {out}");
-        return;
+        machine_api::skip_test!("cannot lock against the mirror: {out}");
     }
     let (ok, out) = imager(&[
         "build",
@@ -341,14 +351,7 @@ fn a_missing_library_fails_naming_binary_library_and_package() {
 /// Boots kernel + initramfs under QEMU (TCG) until our init runs.
 fn kernel_and_initramfs_boot_to_our_init_under_qemu() {
     let Some((out, tmp)) = built() else { return };
-    if !have("qemu-system-x86_64") {
-        eprintln!("SKIPPED: qemu-system-x86 is not installed");
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install qemu-system-x86"
-        );
-        return;
-    }
+    machine_api::require_tools!("qemu-system-x86_64");
     let serial = tmp.path().join("serial-direct.log");
     let start = Instant::now();
     let status = Command::new("timeout")
@@ -392,13 +395,9 @@ fn kernel_and_initramfs_boot_to_our_init_under_qemu() {
 fn disk_image_boots_through_ovmf_and_systemd_boot() {
     let Some((out, tmp)) = built() else { return };
     let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
-    if !have("qemu-system-x86_64") || !code.exists() {
-        eprintln!("SKIPPED: qemu-system-x86 and ovmf are not installed");
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install qemu-system-x86 and ovmf"
-        );
-        return;
+    machine_api::require_tools!("qemu-system-x86_64");
+    if !code.exists() {
+        machine_api::skip_test!("OVMF is not installed (apt-get install ovmf)");
     }
     let vars = tmp.path().join("vars.fd");
     std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();

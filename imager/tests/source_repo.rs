@@ -541,12 +541,11 @@ fn apt_config_deb822_and_one_line() {
     assert_eq!(m.keyring, PathBuf::from("/usr/share/keyrings/x.gpg"));
 }
 
+/// Opt-in (it reaches the host's real mirror): reported as ignored, not
+/// passed, unless run with `--ignored`.
 #[test]
+#[ignore = "fetches the real trixie InRelease; run with --ignored"]
 fn online_trixie_inrelease_verifies() {
-    if std::env::var("IMAGER_ONLINE_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set IMAGER_ONLINE_TESTS=1 to fetch the real trixie InRelease");
-        return;
-    }
     let m = Mirror::from_host().expect("mirror from the host's apt config");
     let rel = fetch_release(&m, "trixie").expect("real InRelease verifies");
     assert_eq!(rel.codename, "trixie");

@@ -44,7 +44,18 @@ impl StagedFile {
     /// Renames the staged file into place and fsyncs the directory, so the
     /// rename itself survives a power cut.
     pub fn commit(self) -> io::Result<()> {
+        self.commit_then(|| Ok(()))
+    }
+
+    /// [`commit`](Self::commit), calling `between` after the rename and
+    /// before the directory's fsync (a fault-injection point for tests:
+    /// an error there stands for a crash right after the rename).
+    pub fn commit_then(self, between: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         fs::rename(&self.tmp, &self.dest)?;
+        if let Err(e) = between() {
+            std::mem::forget(self);
+            return Err(e);
+        }
         let dir = self.dest.parent().unwrap_or(Path::new("."));
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")

@@ -1,10 +1,15 @@
 //! What both ends of the wire share: the machine config document (types,
-//! validation, JSON Schema), the cluster PKI, and the operator's client file.
+//! validation, JSON Schema), the cluster PKI, and the operator's client file;
+//! and what every program of the workspace shares: the image layout
+//! contract, retry backoff, and the tests' skip rule.
 
 pub mod atomic;
 pub mod config;
+pub mod layout;
 pub mod osconfig;
 pub mod pki;
+pub mod retry;
+pub mod testing;
 
 /// The gRPC API (generated from `proto/machine.proto`).
 #[allow(clippy::all, missing_debug_implementations)]
@@ -15,4 +20,8 @@ pub mod proto {
     /// every RPC, and clients reflect on it.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/machine_descriptor.bin"));
+
+    /// `ApplyConfigurationResponse.outcome` of a dry run of a config with
+    /// problems (listed in `problems`).
+    pub const APPLY_OUTCOME_INVALID: &str = "invalid";
 }

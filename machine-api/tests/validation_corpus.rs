@@ -406,6 +406,99 @@ fn corpus_of_bad_documents() {
             &["machine.network.interfaces[0].mtu"],
         ),
         (
+            "certSAN that is a path",
+            W,
+            |d| set(d, "/machine/certSANs", json!(["../../x"])),
+            &["machine.certSANs[0]"],
+        ),
+        (
+            "certSAN with a space",
+            W,
+            |d| set(d, "/machine/certSANs", json!(["node1.example.com", "a b"])),
+            &["machine.certSANs[1]"],
+        ),
+        (
+            "certSAN with two wildcards",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/machine/certSANs",
+                    json!(["10.5.0.9", "*.*.example.com"]),
+                )
+            },
+            &["machine.certSANs[1]"],
+        ),
+        (
+            "300 wildcard certSANs",
+            W,
+            |d| {
+                let many: Vec<String> = (0..300).map(|i| format!("*.n{i}.example.com")).collect();
+                set(d, "/machine/certSANs", json!(many))
+            },
+            &["machine.certSANs"],
+        ),
+        (
+            "API server certSAN that is not a name",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/apiServer",
+                    json!({"certSANs": ["k8s.example.com", "http://x"]}),
+                )
+            },
+            &["cluster.apiServer.certSANs[1]"],
+        ),
+        (
+            "sysctl with a leading slash",
+            W,
+            |d| set(d, "/machine/sysctls", json!({"/net/ipv4/ip_forward": "1"})),
+            &["machine.sysctls[\"/net/ipv4/ip_forward\"]"],
+        ),
+        (
+            "sysctl climbing out of /proc/sys",
+            W,
+            |d| set(d, "/machine/sysctls", json!({"net/../../../etc/x": "1"})),
+            &["machine.sysctls[\"net/../../../etc/x\"]"],
+        ),
+        (
+            "sysctl with a trailing dot",
+            W,
+            |d| set(d, "/machine/sysctls", json!({"net.ipv4.": "1"})),
+            &["machine.sysctls[\"net.ipv4.\"]"],
+        ),
+        (
+            "etcd flag value with a newline",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/etcd",
+                    json!({"extraArgs": {"quota-backend-bytes": "1\n--data-dir=/tmp/x"}}),
+                )
+            },
+            &["cluster.etcd.extraArgs.quota-backend-bytes"],
+        ),
+        (
+            "etcd flag name with an equals sign",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/etcd",
+                    json!({"extraArgs": {"data-dir=/x": "1"}}),
+                )
+            },
+            &["cluster.etcd.extraArgs[\"data-dir=/x\"]"],
+        ),
+        (
+            "kubelet flag name with a newline",
+            W,
+            |d| set(d, "/machine/kubelet", json!({"extraArgs": {"v\nx": "2"}})),
+            &["machine.kubelet.extraArgs[\"v\\nx\"]"],
+        ),
+        (
             "MTU of the wrong type",
             W,
             |d| {
@@ -508,4 +601,115 @@ fn redaction_removes_every_private_key_and_token() {
     assert!(!shown.contains(&bundle().machine_token));
     assert!(!shown.contains(&bundle().secretbox_encryption_secret));
     assert!(shown.contains("BEGIN CERTIFICATE"));
+}
+
+/// Control characters are refused in every string field and name, and the
+/// problem names the field; only PEM fields may hold newlines.
+#[test]
+fn control_characters_are_refused_in_every_field() {
+    type Put = fn(&mut Value, &str);
+    let fields: Vec<(&str, &[Role], Put)> = vec![
+        ("machine.installDisk", W, |d, s| {
+            set(d, "/machine/installDisk", json!(format!("/dev/vda{s}")))
+        }),
+        ("machine.network.interfaces[0].name", W, |d, s| {
+            set(
+                d,
+                "/machine/network",
+                json!({"interfaces": [{"name": format!("eth{s}0"), "dhcp": true}]}),
+            )
+        }),
+        ("machine.sysctls[\"net.ipv4.ip_forward\"]", W, |d, s| {
+            set(
+                d,
+                "/machine/sysctls",
+                json!({"net.ipv4.ip_forward": format!("1{s}")}),
+            )
+        }),
+        ("machine.kernelModules[0]", W, |d, s| {
+            set(d, "/machine/kernelModules", json!([format!("br{s}")]))
+        }),
+        ("machine.certSANs[0]", W, |d, s| {
+            set(d, "/machine/certSANs", json!([format!("a{s}.example.com")]))
+        }),
+        ("machine.kubelet.extraArgs.node-labels", W, |d, s| {
+            set(
+                d,
+                "/machine/kubelet",
+                json!({"extraArgs": {"node-labels": format!("a=b{s}")}}),
+            )
+        }),
+        ("cluster.etcd.extraArgs.quota-backend-bytes", CP, |d, s| {
+            set(
+                d,
+                "/cluster/etcd",
+                json!({"extraArgs": {"quota-backend-bytes": format!("8589934592{s}")}}),
+            )
+        }),
+        ("cluster.apiServer.extraArgs.audit-log-path", CP, |d, s| {
+            set(
+                d,
+                "/cluster/apiServer",
+                json!({"extraArgs": {"audit-log-path": format!("/var/log/a{s}")}}),
+            )
+        }),
+        ("cluster.scheduler.extraArgs.v", CP, |d, s| {
+            set(
+                d,
+                "/cluster/scheduler",
+                json!({"extraArgs": {"v": format!("2{s}")}}),
+            )
+        }),
+        ("cluster.controlPlane.endpoint", CP, |d, s| {
+            set(
+                d,
+                "/cluster/controlPlane/endpoint",
+                json!(format!("https://10.5.0.2:6443/{s}")),
+            )
+        }),
+        ("secrets.bootstrapToken", W, |d, s| {
+            set(
+                d,
+                "/secrets/bootstrapToken",
+                json!(format!("abcdef.0123456789abcdef{s}")),
+            )
+        }),
+        ("apiVersion", W, |d, s| {
+            set(d, "/apiVersion", json!(format!("v1alpha1{s}")))
+        }),
+    ];
+    for c in ['\n', '\r', '\t', '\u{0}', '\u{1b}', '\u{7f}', '\u{9b}'] {
+        let s = c.to_string();
+        for (path, roles, put) in &fields {
+            let mut doc = base(roles);
+            put(&mut doc, &s);
+            assert_refused(&format!("{c:?} in {path}"), &doc, &[path]);
+        }
+    }
+    // A PEM field may span lines, but holds nothing else.
+    let mut doc = base(W);
+    let crt = bundle().os_ca.crt.replace("-----\n", "-----\n\u{1b}");
+    set(&mut doc, "/secrets/osCA/crt", json!(crt));
+    assert_refused("escape in a PEM field", &doc, &["secrets.osCA.crt"]);
+}
+
+/// A long list of problems (the probe's 300 unknown fields) renders within
+/// a reply's budget, naming how many were left out.
+#[test]
+fn a_long_problem_list_is_summarized_within_budget() {
+    let mut doc = base(W);
+    for i in 0..300 {
+        set(&mut doc, &format!("/machine/unknownField{i}"), json!(i));
+    }
+    let text = serde_norway::to_string(&doc).unwrap();
+    let problems = MachineConfig::parse(&text).unwrap_err();
+    assert!(
+        problems.to_string().len() > 8192,
+        "{}",
+        problems.to_string().len()
+    );
+    let s = problems.summary(machine_api::config::MAX_STATUS_MESSAGE_BYTES);
+    assert!(s.len() <= 4096, "{}", s.len());
+    assert!(s.starts_with("line "), "{s}");
+    assert!(s.contains("more problems; `osctl validate FILE`"), "{s}");
 }

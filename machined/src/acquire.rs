@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use machine_api::config::MAX_DOCUMENT_BYTES;
+use machine_api::retry::Backoff;
 use sha2::{Digest, Sha256};
 
 /// Errors fetching or decoding a config source.
@@ -48,19 +50,34 @@ pub struct Acquired {
     pub text: String,
 }
 
-fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    crate::cmdline::Cmdline::parse(cmdline)
+        .get(key)
+        .map(str::to_owned)
+}
+
+/// What a source may hold: no more than the config reader takes
+/// ([`MAX_DOCUMENT_BYTES`]), checked before holding more in memory.
+fn too_big() -> String {
+    format!("larger than {MAX_DOCUMENT_BYTES} bytes (1 MiB), the limit of a machine config")
 }
 
 fn gunzip_if_needed(bytes: Vec<u8>) -> Result<String, String> {
+    if bytes.len() > MAX_DOCUMENT_BYTES {
+        return Err(too_big());
+    }
     let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
         use std::io::Read;
         let mut out = Vec::new();
+        // A few KiB of gzip can expand to gigabytes: stop one byte past
+        // the limit.
         flate2::read::GzDecoder::new(&bytes[..])
+            .take(MAX_DOCUMENT_BYTES as u64 + 1)
             .read_to_end(&mut out)
             .map_err(|e| format!("not valid gzip: {e}"))?;
+        if out.len() > MAX_DOCUMENT_BYTES {
+            return Err(too_big());
+        }
         out
     } else {
         bytes
@@ -97,7 +114,7 @@ pub async fn fetch(source: &str, cmdline: &str, extra_ca: &Path) -> Result<Acqui
         gunzip_if_needed(bytes).map_err(AcquireError::Inline)?
     } else if let Some(url) = source.strip_prefix("url:") {
         let pin = cmdline_value(cmdline, "machined.config.sha256");
-        fetch_url(url, pin, extra_ca).await?
+        fetch_url(url, pin.as_deref(), extra_ca).await?
     } else {
         return Err(AcquireError::Inline(format!("unknown source {source}")));
     };
@@ -111,22 +128,21 @@ pub async fn fetch(source: &str, cmdline: &str, extra_ca: &Path) -> Result<Acqui
 /// certificates, if it has any. A present but unusable CA file is an error
 /// naming it, not silently ignored.
 fn url_tls(extra_ca: &Path) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if extra_ca.exists() {
         let what = extra_ca.display();
         let pem = std::fs::read(extra_ca).map_err(|e| format!("{what}: {e}"))?;
-        let mut added = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("{what}: not PEM certificates: {e}"))?;
+        let certs = machine_api::pki::pem::certs_from_pem(&pem).map_err(|e| match e {
+            machine_api::pki::pem::PemError::NoCertificate => {
+                format!("{what}: no certificate found")
+            }
+            e => format!("{what}: not PEM certificates: {e}"),
+        })?;
+        for cert in certs {
             roots
                 .add(cert)
                 .map_err(|e| format!("{what}: not a usable CA certificate: {e}"))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(format!("{what}: no certificate found"));
         }
     }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -150,40 +166,50 @@ async fn fetch_url(url: &str, pin: Option<&str>, extra_ca: &Path) -> Result<Stri
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| err(e.to_string()))?;
-    let mut last = String::new();
-    let mut attempts = 0;
-    for attempt in 0..6u32 {
-        attempts += 1;
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
+    // Six attempts, 2, 4, 8, 16 and 16 s apart. An untrusted server
+    // certificate ends it at once: a retry will not change it.
+    let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(16)).max_attempts(6);
+    let client = &client;
+    let mut r = backoff
+        .retry(
+            move || async move {
+                match client.get(url).send().await {
+                    Ok(r) if r.status().is_success() => Ok(r),
+                    Ok(r) => Err(format!("HTTP {}", r.status())),
+                    Err(e) => Err(error_chain(&e)),
+                }
+            },
+            |last, _| !last.contains("invalid peer certificate"),
+        )
+        .await
+        .map_err(|last| {
+            let attempts = backoff.attempts();
+            err(format!(
+                "gave up after {attempts} attempt{}: {last}",
+                if attempts == 1 { "" } else { "s" }
+            ))
+        })?;
+    if r.content_length()
+        .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
+    {
+        return Err(err(too_big()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await.map_err(|e| err(e.to_string()))? {
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+            return Err(err(too_big()));
         }
-        match client.get(url).send().await {
-            Ok(r) if r.status().is_success() => {
-                let body = r.bytes().await.map_err(|e| err(e.to_string()))?.to_vec();
-                if let Some(want) = pin {
-                    let got = hex::encode(Sha256::digest(&body));
-                    if !got.eq_ignore_ascii_case(want) {
-                        return Err(err(format!(
-                            "content sha256 {got} does not match machined.config.sha256={want}"
-                        )));
-                    }
-                }
-                return gunzip_if_needed(body).map_err(err);
-            }
-            Ok(r) => last = format!("HTTP {}", r.status()),
-            Err(e) => {
-                last = error_chain(&e);
-                // An untrusted server certificate will not change with a retry.
-                if last.contains("invalid peer certificate") {
-                    break;
-                }
-            }
+        body.extend_from_slice(&chunk);
+    }
+    if let Some(want) = pin {
+        let got = hex::encode(Sha256::digest(&body));
+        if !got.eq_ignore_ascii_case(want) {
+            return Err(err(format!(
+                "content sha256 {got} does not match machined.config.sha256={want}"
+            )));
         }
     }
-    Err(err(format!(
-        "gave up after {attempts} attempt{}: {last}",
-        if attempts == 1 { "" } else { "s" }
-    )))
+    gunzip_if_needed(body).map_err(err)
 }
 
 /// An error with its causes ("error sending request" alone does not say
@@ -223,6 +249,23 @@ mod tests {
         );
         let _ = s.write_all(resp.as_bytes()).await;
         let _ = s.shutdown().await;
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_at_the_document_limit() {
+        use std::io::Write;
+        // 64 MiB of spaces is about 64 KiB of gzip.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        for _ in 0..64 {
+            gz.write_all(&[b' '; 1 << 20]).unwrap();
+        }
+        let bomb = gz.finish().unwrap();
+        assert!(bomb.len() < MAX_DOCUMENT_BYTES);
+        let e = gunzip_if_needed(bomb).unwrap_err();
+        assert!(e.contains("larger than 1048576 bytes"), "{e}");
+        let e = gunzip_if_needed(vec![b' '; MAX_DOCUMENT_BYTES + 1]).unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
+        assert!(gunzip_if_needed(vec![b' '; MAX_DOCUMENT_BYTES]).is_ok());
     }
 
     #[tokio::test]
@@ -298,18 +341,16 @@ mod tests {
 
     #[tokio::test]
     async fn https_source_trusts_public_roots_and_the_image_ca_only() {
+        use machine_api::pki::pem::{certs_from_pem, key_from_pem};
         use machine_api::pki::{CertificateAuthority, LeafSpec, Usage};
-        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
         // A config server of a private PKI, on 127.0.0.1 over TLS.
         let ca = CertificateAuthority::generate("config server CA").unwrap();
         let leaf = ca
             .issue(&LeafSpec::new("config server", Usage::Server).san("127.0.0.1"))
             .unwrap();
-        let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let chain = certs_from_pem(&leaf.cert_pem).unwrap();
+        let key = key_from_pem(&leaf.key_pem).unwrap();
         let server = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

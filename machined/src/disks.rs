@@ -123,12 +123,9 @@ pub fn format_ext4(dev: &Path, label: &str) -> Result<(), DiskError> {
 
 /// True when something is mounted exactly at `target`.
 pub fn is_mounted(target: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| {
-            t.lines()
-                .any(|l| l.split_whitespace().nth(4).map(Path::new) == Some(target))
-        })
-        .unwrap_or(false)
+    crate::mountinfo::current()
+        .iter()
+        .any(|m| m.mount_point == target)
 }
 
 fn mount_ext4(dev: &Path, target: &Path) -> Result<(), DiskError> {
@@ -136,7 +133,7 @@ fn mount_ext4(dev: &Path, target: &Path) -> Result<(), DiskError> {
     mount(
         Some(dev),
         target,
-        Some("ext4"),
+        Some(machine_api::layout::DATA_FSTYPE),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
         None::<&str>,
     )
@@ -379,8 +376,16 @@ pub fn prepare(root: &Path) -> (Vec<String>, Vec<DiskError>) {
     let mut done = Vec::new();
     let mut errors = Vec::new();
     for (label, target, grow) in [
-        ("STATE", root.join("system/state"), false),
-        ("EPHEMERAL", root.join("var"), true),
+        (
+            machine_api::layout::STATE_PARTITION,
+            root.join("system/state"),
+            false,
+        ),
+        (
+            machine_api::layout::EPHEMERAL_PARTITION,
+            root.join("var"),
+            true,
+        ),
     ] {
         let outcome = match find(sys_block, label) {
             None => Err(None),
@@ -488,8 +493,7 @@ mod tests {
     #[test]
     fn ext4_size_matches_what_mke2fs_made() {
         let Some(mke2fs) = crate::paths::find_binary(None, "mke2fs") else {
-            eprintln!("SKIPPED: no mke2fs on this host");
-            return;
+            machine_api::skip_test!("no mke2fs on this host (apt-get install e2fsprogs)");
         };
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("fs.img");

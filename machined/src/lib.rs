@@ -7,8 +7,13 @@
 pub mod acquire;
 pub mod api;
 pub mod bootentry;
+pub mod cmdline;
 pub mod disks;
 pub mod etc_files;
+pub mod fault;
+pub mod kernel;
+pub mod limits;
+pub mod mountinfo;
 pub mod net;
 pub mod node;
 pub mod paths;

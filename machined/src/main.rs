@@ -8,7 +8,7 @@ use clap::Parser;
 use machined::node::{Control, Node, Options};
 use machined::paths::Paths;
 use machined::supervisor::{Supervisor, SupervisorPaths};
-use rand::Rng;
+use rand::RngExt;
 use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 
@@ -63,15 +63,12 @@ struct Cli {
     log: String,
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo.
+/// The cgroup2 mount point.
 fn cgroup2_mount() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        (right.split_whitespace().next()? == "cgroup2")
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    })
+    machined::mountinfo::current()
+        .into_iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| m.mount_point)
 }
 
 /// A cgroup this machined owns: one per root in host mode, so several
@@ -109,10 +106,8 @@ fn cgroup_base(root: &Path, host_mode: bool) -> Option<PathBuf> {
 }
 
 fn kernel_cmdline_token() -> Option<String> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("machined.token="))
+    machined::cmdline::Cmdline::current()
+        .get("machined.token")
         .map(str::to_owned)
 }
 

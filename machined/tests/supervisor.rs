@@ -81,6 +81,7 @@ fn sh(name: &str, script: &str) -> ServiceSpec {
         stop_timeout: Duration::from_secs(2),
         pre_start: None,
         cpu_weight: None,
+        nofile: None,
     }
 }
 

@@ -200,13 +200,7 @@ impl ServerCertVerifier for PinnedVerifier {
 }
 
 fn pem_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{what}: not PEM certificates"))?;
-    if certs.is_empty() {
-        bail!("{what}: no certificate found");
-    }
-    Ok(certs)
+    machine_api::pki::pem::certs_from_pem(pem).with_context(|| what.to_owned())
 }
 
 /// The rustls client configuration for `trust`.
@@ -222,9 +216,7 @@ pub fn tls_config(trust: &Trust) -> Result<ClientConfig> {
                 roots.add(c).context("osconfig ca")?;
             }
             let certs = pem_certs(&ctx.crt, "osconfig crt")?;
-            let key = rustls_pemfile::private_key(&mut ctx.key.as_bytes())
-                .context("osconfig key")?
-                .ok_or_else(|| anyhow!("osconfig key: no private key found"))?;
+            let key = machine_api::pki::pem::key_from_pem(&ctx.key).context("osconfig key")?;
             builder
                 .with_root_certificates(roots)
                 .with_client_auth_cert(certs, key)
@@ -271,18 +263,98 @@ pub async fn connect(target: &str, tls: Arc<ClientConfig>, timeout: Duration) ->
             }
         }))
         .await
-        .map_err(|e| {
-            let chain = error_chain(&e);
-            let hint = if chain.contains("UnknownIssuer") {
-                ": the node's certificate is not from this osconfig's CA (another cluster?), or the node is in maintenance mode (use --insecure --cert-fingerprint)"
-            } else if chain.contains("fingerprint") || chain.contains("Connection refused") || chain.contains("timed out") {
-                ""
-            } else {
-                ": if the node refused the TLS handshake, check that the osconfig's client certificate comes from this cluster's OS CA and has not expired"
-            };
-            anyhow!("cannot connect: {chain}{hint}")
-        })?;
+        .map_err(|e| ConnectError::of(&e))?;
     Ok(channel)
+}
+
+/// Why a connection to a node failed, for code that waits on nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing served the port: refused, reset or closed before the TLS
+    /// handshake finished, or timed out (a node still booting, or down).
+    NotServing,
+    /// The node's certificate is not from the osconfig's CA: a node still
+    /// in maintenance mode, or another cluster's.
+    UnknownIssuer,
+    /// The node's certificate is not the one `--cert-fingerprint` pins.
+    Fingerprint,
+    /// Anything else: the node refused our certificate, a bad address, ...
+    Other,
+}
+
+/// A failed connection: the message osctl prints, and its kind.
+#[derive(Debug)]
+pub struct ConnectError {
+    message: String,
+    pub failure: ConnectFailure,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+impl ConnectError {
+    fn of(e: &(dyn std::error::Error + 'static)) -> Self {
+        let chain = error_chain(e);
+        let failure = if chain.contains("UnknownIssuer") {
+            ConnectFailure::UnknownIssuer
+        } else if chain.contains("fingerprint") {
+            ConnectFailure::Fingerprint
+        } else if io_kinds(e).iter().any(|k| {
+            use std::io::ErrorKind as K;
+            matches!(
+                k,
+                K::ConnectionRefused
+                    | K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::UnexpectedEof
+                    | K::BrokenPipe
+                    | K::TimedOut
+            )
+        }) || chain.contains("Connection refused")
+            || chain.contains("timed out")
+        {
+            ConnectFailure::NotServing
+        } else {
+            ConnectFailure::Other
+        };
+        let hint = if chain.contains("UnknownIssuer") {
+            ": the node's certificate is not from this osconfig's CA (another cluster?), or the node is in maintenance mode (use --insecure --cert-fingerprint)"
+        } else if chain.contains("fingerprint")
+            || chain.contains("Connection refused")
+            || chain.contains("timed out")
+        {
+            ""
+        } else {
+            ": if the node refused the TLS handshake, check that the osconfig's client certificate comes from this cluster's OS CA and has not expired"
+        };
+        ConnectError {
+            message: format!("cannot connect: {chain}{hint}"),
+            failure,
+        }
+    }
+
+    /// The kind of a failed connection in an error, if it is one.
+    pub fn failure_of(e: &anyhow::Error) -> Option<ConnectFailure> {
+        e.downcast_ref::<ConnectError>().map(|c| c.failure)
+    }
+}
+
+/// The kinds of the I/O errors in an error's chain.
+fn io_kinds(e: &(dyn std::error::Error + 'static)) -> Vec<std::io::ErrorKind> {
+    let mut kinds = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            kinds.push(io.kind());
+        }
+        cur = err.source();
+    }
+    kinds
 }
 
 /// The innermost causes of an error, joined: TLS failures are otherwise

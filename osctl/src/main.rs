@@ -55,6 +55,9 @@ enum Command {
     Health(cmd::health::Health),
     /// Create the etcd cluster on the first etcd node.
     Bootstrap(cmd::bootstrap::Bootstrap),
+    /// Write an admin kubeconfig from a control-plane node (merged into
+    /// ~/.kube/config by default).
+    Kubeconfig(cmd::kubeconfig::Kubeconfig),
     /// etcd membership and status.
     Etcd(cmd::etcd::Etcd),
     /// Reboot nodes (services stop in reverse dependency order first).
@@ -102,6 +105,7 @@ async fn run_node_verb(c: Command) -> anyhow::Result<ExitCode> {
         Command::Health(h) => h.run().await,
         Command::Boot(b) => b.run().await,
         Command::Bootstrap(b) => b.run().await,
+        Command::Kubeconfig(k) => k.run().await,
         Command::Etcd(e) => e.run().await,
         Command::Reboot(p) => p.run(cmd::power::PowerAction::Reboot).await,
         Command::Shutdown(p) => p.run(cmd::power::PowerAction::Shutdown).await,

@@ -22,6 +22,7 @@ impl ConfigPatch {
             ),
             None => ("inline patch".to_owned(), arg.to_owned()),
         };
+        machine_api::config::check_limits(&text).map_err(|p| anyhow!("{label}: {p}"))?;
         let body: Value = serde_norway::from_str(&text)
             .with_context(|| format!("{label}: not valid YAML or JSON"))?;
         match &body {
@@ -72,5 +73,8 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("inline patch"), "{err}");
         assert!(ConfigPatch::parse("42").is_err());
+        let deep = format!("{}x", "- ".repeat(10_000));
+        let err = ConfigPatch::parse(&deep).unwrap_err().to_string();
+        assert!(err.contains("nested deeper than"), "{err}");
     }
 }

@@ -45,10 +45,7 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 fn main() {
-    if !node_tests::have("containerd") || !node_tests::have("etcd") {
-        eprintln!("SKIPPED: needs etcd and containerd (scripts/test.sh installs them)");
-        return;
-    }
+    node_tests::require!("containerd", "etcd");
     let tmp = tempfile::tempdir().unwrap();
     let ip = "127.0.9.1";
     let files = ClusterFiles::generate(&tmp.path().join("cluster"), ip);

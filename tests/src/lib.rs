@@ -29,29 +29,14 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// True when a command is on PATH.
-pub fn have(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
-        .unwrap_or(false)
-}
+/// True when a command is on PATH; and the skip that fails under CI.
+pub use machine_api::testing::{have, skip};
 
-/// Skips (with a visible note) when a real dependency is missing. CI
-/// installs them, so there a skip means the install step broke.
-#[macro_export]
-macro_rules! require {
-    ($($cmd:expr),+) => {
-        for c in [$($cmd),+] {
-            if !$crate::have(c) {
-                eprintln!("SKIPPED: {c} is not installed (scripts/test.sh installs it)");
-                if std::env::var_os("CI").is_some() {
-                    panic!("{c} missing in CI");
-                }
-                return;
-            }
-        }
-    };
-}
+/// Skips the test (with a visible note) when a real dependency is missing;
+/// under CI it fails instead: CI installs them, so there a skip means the
+/// install step broke. The workspace's one rule,
+/// [`machine_api::require_tools!`].
+pub use machine_api::require_tools as require;
 
 /// The result of a command, with its text.
 #[derive(Debug)]
@@ -401,7 +386,7 @@ pub fn bootstrapped_node(tmp: &Path, ip: &str) -> (ClusterFiles, Machined) {
 
 /// Builds the qemu profile's image into `out` with the workspace's imager,
 /// machined and init. None (after saying SKIPPED) when the package mirror
-/// is unreachable.
+/// is unreachable; under CI that fails instead.
 pub fn build_qemu_image(out: &Path) -> Option<PathBuf> {
     build_qemu_image_with(out, &[])
 }
@@ -421,7 +406,7 @@ pub fn build_qemu_image_with(out: &Path, extra: &[&std::ffi::OsStr]) -> Option<P
     if !build.status.success() {
         let err = String::from_utf8_lossy(&build.stderr);
         if err.contains("fetching the locked packages") {
-            eprintln!("SKIPPED: the package mirror is unreachable: {err}");
+            skip(format!("the package mirror is unreachable: {err}"));
             return None;
         }
         panic!("image build failed: {err}");
@@ -591,4 +576,101 @@ impl Drop for LocalCluster {
             &self.name,
         ]);
     }
+}
+
+/// The running config a node keeps under `root` (the `current` of its
+/// config record), if any.
+pub fn stored_config(root: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(root.join("system/state/machine-state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["current"].as_str().map(str::to_owned)
+}
+
+/// The config record file of a node under `root`.
+pub fn state_record(root: &Path) -> PathBuf {
+    root.join("system/state/machine-state.json")
+}
+
+// ------------------------------------------------- connection flood helpers
+
+/// Open fds of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A `/proc/PID/status` memory field in KiB (`VmRSS:`, `VmHWM:`).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-files limit to at least `want` (soft and
+/// hard; the hard limit only as far as allowed) and returns the soft limit
+/// now in force: a flood test holds thousands of sockets itself.
+pub fn raise_own_nofile(want: u64) -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `rl` is a valid, writable rlimit.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    if rl.rlim_max < want {
+        let raised = libc::rlimit {
+            rlim_cur: rl.rlim_cur,
+            rlim_max: want,
+        };
+        // SAFETY: as above; fails harmlessly without CAP_SYS_RESOURCE.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            rl.rlim_max = want;
+        }
+    }
+    rl.rlim_cur = rl.rlim_max.min(want.max(rl.rlim_cur));
+    // SAFETY: as above; soft <= hard.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
+    rl.rlim_cur
+}
+
+/// The start of a TLS ClientHello that never finishes: a record header
+/// announcing 512 bytes and the first few. A server waits for the rest.
+pub const PARTIAL_CLIENT_HELLO: [u8; 9] = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc];
+
+/// The directory of the Kubernetes binaries built from the pinned Go
+/// modules (`scripts/build-kubernetes.sh`; scripts/test.sh exports
+/// `KUBE_BIN_DIR`). None when not built: tests then skip, except under
+/// CI, where that fails.
+pub fn kube_bin_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("KUBE_BIN_DIR")?);
+    dir.join("kube-apiserver").is_file().then_some(dir)
+}
+
+/// Runs a command and collects its output.
+pub fn run(cmd: &mut Command) -> Run {
+    Run::from(cmd.output().unwrap())
+}
+
+/// Sets process `pid`'s open-files limit (prlimit(2)): a test puts a host
+/// machined under a node's limits.
+pub fn set_nofile_of(pid: u32, soft: u64, hard: u64) {
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `new` is a valid rlimit that prlimit only reads; the old
+    // value is not asked for (null).
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
 }

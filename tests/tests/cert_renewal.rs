@@ -37,9 +37,9 @@ fn etcd_pid(root: &Path) -> i64 {
     v["pid"].as_i64().unwrap()
 }
 
-/// The certificate etcd presents on `ip:2379`, as PEM, fetched with openssl
+/// The certificate etcd presents on `ip:2379` (DER), fetched with openssl
 /// using the node's own client certificate.
-fn served_etcd_cert(ip: &str, certs: &Path) -> String {
+fn served_etcd_cert(ip: &str, certs: &Path) -> Option<Vec<u8>> {
     let out = Command::new("openssl")
         .args(["s_client", "-connect", &format!("{ip}:2379")])
         .arg("-cert")
@@ -49,13 +49,17 @@ fn served_etcd_cert(ip: &str, certs: &Path) -> String {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let begin = text.find("-----BEGIN CERTIFICATE-----").unwrap_or(0);
-    let end = text
-        .find("-----END CERTIFICATE-----")
-        .map(|e| e + "-----END CERTIFICATE-----".len())
-        .unwrap_or(0);
-    text.get(begin..end).unwrap_or_default().to_owned()
+    machine_api::pki::pem::first_cert_der(&out.stdout)
+        .ok()
+        .map(|d| d.to_vec())
+}
+
+/// The certificate (DER) in a PEM file.
+fn cert_file_der(path: &Path) -> Option<Vec<u8>> {
+    let text = std::fs::read(path).ok()?;
+    machine_api::pki::pem::first_cert_der(text)
+        .ok()
+        .map(|d| d.to_vec())
 }
 
 #[test]
@@ -83,6 +87,7 @@ fn running_nodes_renew_their_certificates_without_restarts() {
 
     let etcd_certs = node.root.join("system/secrets/etcd");
     let first_etcd = std::fs::read_to_string(etcd_certs.join("server.crt")).unwrap();
+    let first_etcd_der = cert_file_der(&etcd_certs.join("server.crt"));
     let pid = etcd_pid(&node.root);
     // Maintenance and the first configured identity so far.
     let cp_before = fingerprints(&node).len();
@@ -108,11 +113,9 @@ fn running_nodes_renew_their_certificates_without_restarts() {
         Duration::from_secs(30),
         "etcd to present the current server certificate",
         || {
-            let before = std::fs::read_to_string(etcd_certs.join("server.crt")).unwrap();
+            let before = cert_file_der(&etcd_certs.join("server.crt"));
             let served = served_etcd_cert(cp, &etcd_certs);
-            !served.is_empty()
-                && served.trim() == before.trim()
-                && served.trim() != first_etcd.trim()
+            served.is_some() && served == before && served != first_etcd_der
         },
     );
     assert_eq!(etcd_pid(&node.root), pid, "etcd was restarted");

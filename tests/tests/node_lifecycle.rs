@@ -76,12 +76,12 @@ fn maintenance_apply_bootstrap_and_etcd_healthy_over_mtls() {
         "{}",
         dry.text()
     );
-    assert!(!node.root.join("system/state/config.yaml").exists());
+    assert!(node_tests::stored_config(&node.root).is_none());
 
     node.apply_insecure(&cfg).expect_ok();
     node.wait_configured();
     // The config on disk is private.
-    let meta = std::fs::metadata(node.root.join("system/state/config.yaml")).unwrap();
+    let meta = std::fs::metadata(node_tests::state_record(&node.root)).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
         0o600
@@ -291,7 +291,7 @@ fn shutdown_stops_services_and_reset_returns_to_maintenance() {
     wait_until(Duration::from_secs(20), "maintenance banner", || {
         node.log_text().matches("state:       maintenance").count() >= 2
     });
-    assert!(!node.root.join("system/state/config.yaml").exists());
+    assert!(node_tests::stored_config(&node.root).is_none());
     assert!(!node.root.join("var/lib/etcd/member").exists());
     let fp = node.banner("fingerprint:").unwrap();
     let v = osctl(&["version", "--insecure", "--cert-fingerprint", &fp, "-n", ip]).expect_ok();

@@ -155,8 +155,7 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
     let vars_template = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
     if !code.exists() || !vars_template.exists() {
-        eprintln!("SKIPPED: OVMF is not installed (apt-get install ovmf)");
-        return;
+        machine_api::skip_test!("OVMF is not installed (apt-get install ovmf)");
     }
     let tmp = tempfile::tempdir().unwrap();
     let Some(image) = build_qemu_image(&tmp.path().join("image")) else {

@@ -19,7 +19,6 @@ use machine_api::pki::{CertificateAuthority, LeafSpec, Usage};
 use node_tests::{
     build_qemu_image_with, console_value as banner, free_port, require, wait_until, ClusterFiles,
 };
-use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
 struct Vm(Child);
@@ -87,10 +86,8 @@ fn wait_configured(files: &ClusterFiles, serial: &Path, node: &str) -> String {
 /// A one-file https server on 127.0.0.1 with `cert`; counts the requests
 /// it answered.
 fn serve_https(body: String, cert: &machine_api::pki::CertKeyPem) -> (u16, Arc<AtomicUsize>) {
-    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let chain = machine_api::pki::pem::certs_from_pem(&cert.cert_pem).unwrap();
+    let key = machine_api::pki::pem::key_from_pem(&cert.key_pem).unwrap();
     let cfg = Arc::new(
         rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

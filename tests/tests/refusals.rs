@@ -144,7 +144,7 @@ fn invalid_configs_are_refused_by_the_node_and_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let ip = "127.0.2.2";
     let (files, node) = bootstrapped_node(tmp.path(), ip);
-    let before = std::fs::read(node.root.join("system/state/config.yaml")).unwrap();
+    let before = node_tests::stored_config(&node.root).unwrap();
 
     // osctl checks locally first and names file and line …
     let bad = files.node_config(
@@ -170,10 +170,7 @@ fn invalid_configs_are_refused_by_the_node_and_change_nothing() {
     let err = raw_apply(&files, ip, vec![0xff, 0xfe]);
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
-    assert_eq!(
-        std::fs::read(node.root.join("system/state/config.yaml")).unwrap(),
-        before
-    );
+    assert_eq!(node_tests::stored_config(&node.root).unwrap(), before);
     files.osctl(&[ip], &["health", "--wait", "10"]).expect_ok();
     std::thread::sleep(Duration::from_millis(10));
 }
@@ -210,4 +207,75 @@ fn raw_apply(files: &ClusterFiles, ip: &str, data: Vec<u8>) -> tonic::Status {
             .await
             .expect_err("the node accepted an invalid config")
     })
+}
+
+/// 300 unknown fields: the error reply stays small enough for every gRPC
+/// client (Python's grpcio refuses metadata over 8 KiB), and a dry run
+/// carries the whole list in its body.
+#[test]
+fn a_long_problem_list_is_capped_in_the_status_and_whole_in_a_dry_run() {
+    use machine_api::proto::machine_service_client::MachineServiceClient;
+    use machine_api::proto::ApplyConfigurationRequest;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    require!("etcd", "containerd", "runc");
+    let tmp = tempfile::tempdir().unwrap();
+    let ip = "127.0.2.5";
+    let (files, _node) = bootstrapped_node(tmp.path(), ip);
+    let base = std::fs::read_to_string(files.path("n.yaml")).unwrap();
+    let mut unknown = String::from("machine:\n");
+    for i in 0..300 {
+        unknown.push_str(&format!("  unknownFieldNumber{i:03}: {i}\n"));
+    }
+    let text = base.replacen("machine:\n", &unknown, 1);
+    assert_ne!(text, base);
+    let osconfig = OsConfig::parse(&std::fs::read_to_string(files.osconfig()).unwrap()).unwrap();
+    let ctx = &osconfig.contexts[&osconfig.context];
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ctx.ca))
+        .identity(Identity::from_pem(&ctx.crt, &ctx.key))
+        .domain_name(ip);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = Endpoint::from_shared(format!("https://{ip}:50000"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = MachineServiceClient::new(ch);
+        let err = c
+            .apply_configuration(ApplyConfigurationRequest {
+                data: text.clone().into_bytes(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("accepted");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().len() <= 4096, "{} bytes", err.message().len());
+        assert!(err.message().contains("more problem"), "{}", err.message());
+        let dry = c
+            .apply_configuration(ApplyConfigurationRequest {
+                data: text.into_bytes(),
+                dry_run: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(dry.outcome, machine_api::proto::APPLY_OUTCOME_INVALID);
+        // Every problem up to the parser's cap, and a line saying it stopped.
+        assert!(dry.problems.len() > 200, "{}", dry.problems.len());
+        assert!(
+            dry.problems
+                .iter()
+                .any(|p| p.contains("unknownFieldNumber299"))
+                || dry.problems.iter().any(|p| p.contains("stopped after")),
+            "{:?}",
+            dry.problems.last()
+        );
+    });
 }

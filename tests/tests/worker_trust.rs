@@ -95,7 +95,7 @@ fn worker_gets_its_certificate_from_the_trust_endpoint() {
                     >= 2
         },
     );
-    assert!(!third.root.join("system/state/config.yaml").exists());
+    assert!(node_tests::stored_config(&third.root).is_none());
     // Still configurable: the right config now works.
     third.apply_insecure(&worker_yaml).expect_ok();
     wait_until(
@@ -127,7 +127,7 @@ fn worker_gets_its_certificate_from_the_trust_endpoint() {
                 && log.matches("maintenance: no config yet").count() >= 2
         },
     );
-    assert!(!fourth.root.join("system/state/config.yaml").exists());
+    assert!(node_tests::stored_config(&fourth.root).is_none());
     assert!(!fourth.root.join("system/state/os-api.crt").exists());
     fourth.apply_insecure(&worker_yaml).expect_ok();
     wait_until(

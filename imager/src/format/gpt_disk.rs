@@ -16,16 +16,18 @@ use gpt::mbr::ProtectiveMBR;
 use gpt::partition::Partition;
 use gpt::partition_types::{OperatingSystem, Type};
 use gpt::GptConfig;
+use machine_api::layout::type_guid;
 use uuid::Uuid;
 
 use super::FormatError;
 
-/// EFI system partition.
-pub const ESP: Uuid = Uuid::from_u128(0xc12a7328_f81f_11d2_ba4b_00a0c93ec93b);
+/// EFI system partition (the image layout contract's,
+/// [`machine_api::layout::type_guid`]).
+pub const ESP: Uuid = Uuid::from_u128(type_guid::ESP);
 /// Root partition (x86-64), Discoverable Partitions Specification.
-pub const LINUX_ROOT_X86_64: Uuid = Uuid::from_u128(0x4f68bce3_e8cd_4db1_96e7_fbcaf984b709);
+pub const LINUX_ROOT_X86_64: Uuid = Uuid::from_u128(type_guid::ROOT_X86_64);
 /// Linux filesystem data.
-pub const LINUX_DATA: Uuid = Uuid::from_u128(0x0fc63daf_8483_4772_8e79_3d69d8477de4);
+pub const LINUX_DATA: Uuid = Uuid::from_u128(type_guid::LINUX_DATA);
 
 /// Sector (logical block) size.
 pub const SECTOR: u64 = 512;

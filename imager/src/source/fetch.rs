@@ -4,6 +4,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use machine_api::retry::Backoff;
+
 use super::SourceError;
 
 /// Timeout for connecting, sending the request and receiving the response
@@ -45,20 +47,14 @@ pub fn fetch(uri: &str) -> Result<Vec<u8>, SourceError> {
             std::fs::read(&path).map_err(|e| err(e.to_string()))
         }
         "http" | "https" => {
-            let mut last = String::new();
-            for attempt in 0..2 {
-                match http_get(uri) {
-                    Ok(bytes) => return Ok(bytes),
-                    Err(HttpFailure::Final(reason)) => return Err(err(reason)),
-                    Err(HttpFailure::Retry(reason)) => {
-                        last = reason;
-                        if attempt == 0 {
-                            std::thread::sleep(Duration::from_secs(1));
-                        }
-                    }
-                }
-            }
-            Err(err(format!("{last} (after one retry)")))
+            // One retry, a second later, for what may pass.
+            Backoff::constant(Duration::from_secs(1))
+                .max_attempts(2)
+                .retry_blocking(|| http_get(uri), |e, _| matches!(e, HttpFailure::Retry(_)))
+                .map_err(|e| match e {
+                    HttpFailure::Final(reason) => err(reason),
+                    HttpFailure::Retry(reason) => err(format!("{reason} (after one retry)")),
+                })
         }
         other => Err(err(format!(
             "unsupported scheme {other:?}: use http, https or file"

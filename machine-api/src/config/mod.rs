@@ -8,7 +8,10 @@ pub mod scalar;
 mod types;
 mod validate;
 
-pub use parse::{Problem, Problems};
+pub use parse::{
+    check_limits, Problem, Problems, MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH,
+    MAX_STATUS_MESSAGE_BYTES,
+};
 pub use scalar::{Cidr, DnsName, Endpoint, InterfaceAddress, Ip, KubernetesVersion};
 pub use types::*;
 
@@ -16,10 +19,17 @@ impl MachineConfig {
     /// Parses and validates a YAML machine config. On failure, returns every
     /// problem found, each with its field path and line where known.
     pub fn parse(text: &str) -> Result<Self, Problems> {
-        let parsed = parse::parse_yaml::<MachineConfig>(text);
+        let parsed = parse::parse_yaml_with::<MachineConfig>(text, |root| {
+            parse::control_characters(root, |key| validate::PEM_FIELDS.contains(&key))
+        });
         let mut problems = parsed.problems;
         if let Some(cfg) = &parsed.value {
             for mut p in validate::validate(cfg) {
+                // One problem per field: a control character is reported
+                // before what it breaks.
+                if problems.iter().any(|q| q.path == p.path) {
+                    continue;
+                }
                 // A node removed to get past a structural problem shows up
                 // here as "missing"; it is already reported.
                 let caused_by_removal = parsed.removed.iter().any(|r| {

@@ -148,5 +148,32 @@ pub fn markdown() -> String {
         out.push_str(&r);
         out.push('\n');
     }
+    out.push_str(&limits());
     out
+}
+
+/// The limits every reader and the validation apply, from their constants.
+fn limits() -> String {
+    use super::parse::{MAX_DOCUMENT_BYTES, MAX_NESTING_DEPTH};
+    use super::MAX_CERT_SANS;
+    format!(
+        "\n## Limits\n\n\
+         Every reader of these documents (machined's apply and the configs it \
+         fetches at boot, `osctl validate`, `osctl apply-config`) checks these \
+         first, in one pass that builds nothing, and refuses the document with \
+         the line where it crosses them:\n\n\
+         - size: at most {MAX_DOCUMENT_BYTES} bytes (1 MiB; `MAX_DOCUMENT_BYTES`);\n\
+         - nesting: at most {MAX_NESTING_DEPTH} levels of maps and lists \
+         (`MAX_NESTING_DEPTH`); a machine config needs about 5.\n\n\
+         Validation then refuses:\n\n\
+         - control characters (U+0000 to U+001F, U+007F to U+009F) in any field \
+         name or value; PEM certificates and keys may contain newlines, nothing else;\n\
+         - more than {MAX_CERT_SANS} names in a `certSANs` list (`MAX_CERT_SANS`); \
+         each name is a DNS name (lowercase, at most 253 characters, one leading \
+         `*.` wildcard label at most) or an IP address;\n\
+         - sysctl names other than parts of letters, digits, `_` and `-` between \
+         single dots (or slashes);\n\
+         - `extraArgs` names other than flag names (letters, digits, `-`, `_`, \
+         without the leading `--`).\n"
+    )
 }

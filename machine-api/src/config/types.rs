@@ -20,6 +20,14 @@ pub const API_VERSION: &str = "v1alpha1";
 /// The `kind` of a machine config document.
 pub const KIND: &str = "MachineConfig";
 
+/// Most names a `certSANs` list may hold. The OS API certificate also
+/// carries the node's name, its addresses and `localhost`, `127.0.0.1` and
+/// `::1`, and a worker's certificate must stay within the trust endpoint's
+/// limit of [`crate::pki::MAX_SERVER_SANS`] names.
+pub const MAX_CERT_SANS: usize = 24;
+// Room for the node's name, loopback names and a few addresses.
+const _: () = assert!(MAX_CERT_SANS + 8 <= crate::pki::MAX_SERVER_SANS);
+
 /// A machine config: the whole desired state of one node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -79,7 +87,9 @@ pub struct Machine {
     /// Network configuration. Absent means DHCP on the first link with carrier.
     #[serde(default, skip_serializing_if = "is_default")]
     pub network: Network,
-    /// Kernel parameters set at boot, e.g. `net.ipv4.ip_forward: "1"`.
+    /// Kernel parameters set at boot, e.g. `net.ipv4.ip_forward: "1"`. Names
+    /// are written as sysctl(8) does: parts of letters, digits, `_` and `-`
+    /// between single dots (or slashes), none leading or trailing.
     #[serde(
         default,
         skip_serializing_if = "BTreeMap::is_empty",
@@ -89,7 +99,9 @@ pub struct Machine {
     /// Extra kernel modules to load at boot (the image must contain them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kernel_modules: Vec<String>,
-    /// Extra names and addresses for this node's OS API certificate.
+    /// Extra names and addresses for this node's OS API certificate: DNS
+    /// names (lowercase; one leading `*.` wildcard label allowed) or IP
+    /// addresses, at most 24.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[serde(rename = "certSANs")]
     pub cert_sans: Vec<String>,
@@ -295,7 +307,9 @@ pub struct ExternalEtcd {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApiServer {
-    /// Extra names and addresses for the API server certificate.
+    /// Extra names and addresses for the API server certificate: DNS names
+    /// (lowercase; one leading `*.` wildcard label allowed) or IP
+    /// addresses, at most 24.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[serde(rename = "certSANs")]
     pub cert_sans: Vec<String>,

@@ -7,11 +7,22 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::parse::Problem;
+use super::parse::{key_path, Problem};
 use super::scalar::{Cidr, Endpoint};
 use super::types::*;
 use crate::pki::bundle::{is_bootstrap_token, is_encryption_secret, is_machine_token};
 use crate::pki::{check_is_ca, check_key_matches};
+
+/// Fields whose value is PEM text, the only values that may span lines
+/// (see [`super::parse::control_characters`]).
+pub(super) const PEM_FIELDS: &[&str] = &[
+    "crt",
+    "key",
+    "caCert",
+    "clientCert",
+    "clientKey",
+    "serviceAccountKey",
+];
 
 #[derive(Default)]
 struct Report(Vec<Problem>);
@@ -109,12 +120,111 @@ fn is_module_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// A sysctl name: at least two parts of letters, digits, `_` and `-`,
+/// separated by single dots (`net.ipv4.ip_forward`) or slashes
+/// (`net/ipv4/conf/eth0.100/rp_filter`, where a dot is part of a name); no
+/// leading or trailing separator, so it can only name a file under
+/// `/proc/sys`.
 fn is_sysctl_key(s: &str) -> bool {
-    !s.is_empty()
-        && !s.starts_with('.')
-        && !s.contains("..")
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'))
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    };
+    if s.is_empty() || s.len() > 256 {
+        return false;
+    }
+    if s.contains('/') {
+        // The slash form: dots belong to names (VLAN interfaces).
+        let parts: Vec<&str> = s.split('/').collect();
+        parts.len() >= 2
+            && parts.iter().all(|p| {
+                !p.starts_with('.')
+                    && !p.ends_with('.')
+                    && !p.contains("..")
+                    && part(&p.replace('.', ""))
+            })
+    } else {
+        let parts: Vec<&str> = s.split('.').collect();
+        parts.len() >= 2 && parts.iter().all(|p| part(p))
+    }
+}
+
+/// Why `name` is not a DNS name or IP address a certificate can carry.
+fn san_problem(name: &str) -> Option<&'static str> {
+    if name.parse::<IpAddr>().is_ok() {
+        return None;
+    }
+    if name.is_empty() {
+        return Some("it is empty");
+    }
+    if name.len() > 253 {
+        return Some("longer than 253 characters");
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    let wildcard = host.len() != name.len();
+    if host.contains('*') {
+        return Some(
+            "a wildcard is allowed only once, as the whole first label: *.nodes.example.com",
+        );
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Some("use lowercase letters, digits, '-' and '.' only");
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    for label in &labels {
+        if label.is_empty() || label.len() > 63 {
+            return Some("each dot-separated label must be 1 to 63 characters");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some("a label may not start or end with '-'");
+        }
+    }
+    if labels
+        .last()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Some(
+            "the last label cannot be all digits (an IPv4 address has four numbers of 0 to 255)",
+        );
+    }
+    if wildcard && labels.len() < 2 {
+        return Some("a wildcard needs at least two labels after it: *.nodes.example.com");
+    }
+    None
+}
+
+/// Extra names of a server certificate: each a DNS name or IP address, at
+/// most [`MAX_CERT_SANS`].
+fn cert_sans(path: &str, sans: &[String], r: &mut Report) {
+    if sans.len() > MAX_CERT_SANS {
+        r.add(
+            path,
+            format!(
+                "{} names, at most {MAX_CERT_SANS} fit beside the node's own names and addresses: remove some (a wildcard such as *.nodes.example.com covers many)",
+                sans.len()
+            ),
+        );
+    }
+    for (i, name) in sans.iter().enumerate() {
+        if let Some(why) = san_problem(name) {
+            r.add(
+                format!("{path}[{i}]"),
+                format!("{name:?} is not a DNS name or IP address: {why}"),
+            );
+        }
+    }
+}
+
+/// A command-line flag name as written after `--`.
+fn is_flag_name(k: &str) -> bool {
+    k.len() <= 100
+        && k.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 fn machine(m: &Machine, r: &mut Report) {
@@ -194,10 +304,11 @@ fn machine(m: &Machine, r: &mut Report) {
         if !is_sysctl_key(k) {
             r.add(
                 format!("machine.sysctls[{k:?}]"),
-                "not a sysctl name (letters, digits, '_', '-', '.', '/')",
+                "not a sysctl name: write it as sysctl(8) does, e.g. net.ipv4.ip_forward (letters, digits, '_' and '-' between single dots or slashes, none leading or trailing)",
             );
         }
     }
+    cert_sans("machine.certSANs", &m.cert_sans, r);
     for (i, module) in m.kernel_modules.iter().enumerate() {
         if !is_module_name(module) {
             r.add(
@@ -211,16 +322,17 @@ fn machine(m: &Machine, r: &mut Report) {
 
 fn extra_args(path: &str, args: &BTreeMap<String, String>, r: &mut Report) {
     for k in args.keys() {
-        if k.starts_with('-') {
+        let bare = k.trim_start_matches('-');
+        if k.starts_with('-') && is_flag_name(bare) {
             r.add(
-                format!("{path}.{k}"),
-                format!(
-                    "write the flag without leading dashes: {:?}",
-                    k.trim_start_matches('-')
-                ),
+                key_path(path, k),
+                format!("write the flag without leading dashes: {bare:?}"),
             );
-        } else if k.is_empty() || k.contains('=') || k.chars().any(char::is_whitespace) {
-            r.add(format!("{path}.{k}"), "not a flag name");
+        } else if !is_flag_name(k) {
+            r.add(
+                key_path(path, k),
+                format!("{k:?} is not a flag name: use letters, digits, '-' and '_' as in the component's --help, without the leading dashes (e.g. \"quota-backend-bytes\")"),
+            );
         }
     }
 }
@@ -399,6 +511,7 @@ fn cluster(cfg: &MachineConfig, r: &mut Report) {
         }
     }
     extra_args("cluster.etcd.extraArgs", &c.etcd.extra_args, r);
+    cert_sans("cluster.apiServer.certSANs", &c.api_server.cert_sans, r);
     extra_args("cluster.apiServer.extraArgs", &c.api_server.extra_args, r);
     extra_args(
         "cluster.controllerManager.extraArgs",
@@ -520,6 +633,100 @@ fn secrets(cfg: &MachineConfig, r: &mut Report) {
                 "secrets.secretboxEncryptionSecret",
                 "must be base64 of exactly 32 bytes (generate with `head -c 32 /dev/urandom | base64`)",
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctl_names() {
+        for ok in [
+            "net.ipv4.ip_forward",
+            "net.bridge.bridge-nf-call-iptables",
+            "vm.max_map_count",
+            "net/ipv4/conf/eth0.100/rp_filter",
+            "kernel.pid_max",
+        ] {
+            assert!(is_sysctl_key(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/net.ipv4.ip_forward",
+            "net.ipv4.",
+            ".net",
+            "net..ipv4",
+            "net//ipv4",
+            "net/ipv4/",
+            "/proc/sys/net",
+            "../../etc/passwd",
+            "net.ipv4.ip forward",
+            "kernel",
+            "net.ipv4.ip_forward\n",
+            "net/./ipv4",
+            "net/../x",
+        ] {
+            assert!(!is_sysctl_key(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn san_names() {
+        for ok in [
+            "node1.example.com",
+            "*.nodes.example.com",
+            "10.5.0.2",
+            "fd00::1",
+            "localhost",
+            "a-b.c",
+            "x1",
+        ] {
+            assert_eq!(san_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "../../x",
+            "a b",
+            "",
+            "*",
+            "*.com",
+            "*.*.example.com",
+            "a.*.example.com",
+            "foo*.example.com",
+            "-a.example.com",
+            "a-.example.com",
+            "Node1.example.com",
+            "a..b",
+            "10.0.0.256",
+            "1.2.3",
+            "a/b",
+            "a_b.example.com",
+            "a.b\n",
+            &"a".repeat(64),
+            &format!("{}.x", "a.".repeat(130)),
+        ] {
+            assert!(san_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn documented_san_limit_is_the_checked_one() {
+        let schema = crate::config::json_schema().to_string();
+        assert_eq!(
+            schema.matches(&format!("at most {MAX_CERT_SANS}.")).count(),
+            2,
+            "update the certSANs doc comments to MAX_CERT_SANS"
+        );
+    }
+
+    #[test]
+    fn flag_names() {
+        for ok in ["v", "quota-backend-bytes", "log_dir", "feature-gates", "v2"] {
+            assert!(is_flag_name(ok), "{ok}");
+        }
+        for bad in ["", "--v", "-v", "a=b", "a b", "a\nb", "a.b", "_x"] {
+            assert!(!is_flag_name(bad), "{bad:?}");
         }
     }
 }

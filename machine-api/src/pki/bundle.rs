@@ -1,7 +1,7 @@
 //! The secrets bundle: every CA, key and token of one cluster, in one file
 //! (`secrets.yaml`). Machine configs carry only the part of it their roles need.
 
-use rand::Rng;
+use rand::RngExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -131,7 +131,7 @@ impl SecretsBundle {
     pub fn generate() -> Result<Self, PkiError> {
         use base64::Engine;
         let mut key = [0u8; 32];
-        rand::rng().fill(&mut key);
+        rand::fill(&mut key[..]);
         Ok(SecretsBundle {
             api_version: crate::config::API_VERSION.into(),
             kind: BUNDLE_KIND.into(),

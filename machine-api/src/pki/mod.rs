@@ -8,10 +8,11 @@
 
 pub mod bundle;
 pub mod kube;
+pub mod pem;
 
 use std::net::IpAddr;
 
-use rand::RngCore;
+use rand::Rng;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
@@ -124,6 +125,10 @@ impl LeafSpec {
     }
 }
 
+/// Most subject alternative names the trust endpoint signs into one server
+/// certificate ([`CertificateAuthority::sign_server_request`]).
+pub const MAX_SERVER_SANS: usize = 32;
+
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
@@ -163,16 +168,9 @@ pub fn parse_cert_der(what: &str, pem_text: &str) -> Result<Vec<u8>, PkiError> {
         what: what.to_owned(),
         why,
     };
-    let block = pem::parse(pem_text.trim()).map_err(|e| bad(e.to_string()))?;
-    if block.tag() != "CERTIFICATE" {
-        return Err(bad(format!(
-            "found a {:?} block, expected CERTIFICATE",
-            block.tag()
-        )));
-    }
-    let der = block.contents().to_vec();
+    let der = pem::first_cert_der(pem_text).map_err(|e| bad(e.to_string()))?;
     X509Certificate::from_der(&der).map_err(|e| bad(e.to_string()))?;
-    Ok(der)
+    Ok(der.to_vec())
 }
 
 /// Checks that `key_pem` is the private key of `cert_pem`.
@@ -196,8 +194,11 @@ pub fn check_key_matches(what: &str, cert_pem: &str, key_pem: &str) -> Result<()
 
 /// Checks that `cert_pem` is a CA certificate.
 pub fn check_is_ca(what: &str, cert_pem: &str) -> Result<(), PkiError> {
-    let der = parse_cert_der(what, cert_pem)?;
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::BadCertificate {
+    check_der_is_ca(what, &parse_cert_der(what, cert_pem)?)
+}
+
+fn check_der_is_ca(what: &str, der: &[u8]) -> Result<(), PkiError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::BadCertificate {
         what: what.to_owned(),
         why: e.to_string(),
     })?;
@@ -212,8 +213,8 @@ pub fn check_is_ca(what: &str, cert_pem: &str) -> Result<(), PkiError> {
 /// When the certificate in `cert_pem` should be replaced: `before` ahead
 /// of its expiry. None when it does not parse (replace it now).
 pub fn renewal_time(cert_pem: &str, before: std::time::Duration) -> Option<std::time::SystemTime> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
-    let cert = pem.parse_x509().ok()?;
+    let der = pem::first_cert_der(cert_pem).ok()?;
+    let (_, cert) = X509Certificate::from_der(&der).ok()?;
     let not_after = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
     let expiry = std::time::UNIX_EPOCH + std::time::Duration::from_secs(not_after);
     Some(expiry.checked_sub(before).unwrap_or(std::time::UNIX_EPOCH))
@@ -226,15 +227,12 @@ pub fn check_ca_bundle(what: &str, pem_text: &str) -> Result<usize, PkiError> {
         what: what.to_owned(),
         why,
     };
-    let blocks = pem::parse_many(pem_text).map_err(|e| bad(e.to_string()))?;
-    if blocks.is_empty() {
-        return Err(bad("no PEM certificate found".into()));
-    }
-    for (i, block) in blocks.iter().enumerate() {
+    let certs = pem::only_certs_from_pem(pem_text).map_err(|e| bad(e.to_string()))?;
+    for (i, der) in certs.iter().enumerate() {
         let this = format!("{what} (certificate {})", i + 1);
-        check_is_ca(&this, &pem::encode(block))?;
+        check_der_is_ca(&this, der)?;
     }
-    Ok(blocks.len())
+    Ok(certs.len())
 }
 
 /// SHA-256 of a certificate's DER, as lowercase hex: the fingerprint that
@@ -306,13 +304,14 @@ impl CertificateAuthority {
     /// True when `cert_pem` carries a valid signature of the CA in
     /// `ca_pem` (checked with the CA's public key, not by names).
     pub fn verify_issued(ca_pem: &str, cert_pem: &str) -> bool {
-        let (Ok((_, ca)), Ok((_, cert))) = (
-            x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()),
-            x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()),
-        ) else {
+        let (Ok(ca), Ok(cert)) = (pem::first_cert_der(ca_pem), pem::first_cert_der(cert_pem))
+        else {
             return false;
         };
-        let (Ok(ca), Ok(cert)) = (ca.parse_x509(), cert.parse_x509()) else {
+        let (Ok((_, ca)), Ok((_, cert))) = (
+            X509Certificate::from_der(&ca),
+            X509Certificate::from_der(&cert),
+        ) else {
             return false;
         };
         cert.verify_signature(Some(ca.public_key())).is_ok()
@@ -367,8 +366,10 @@ impl CertificateAuthority {
                 }
             }
         }
-        if spec.dns_names.len() + spec.ip_addresses.len() > 32 {
-            return Err(bad("more than 32 subject alternative names".into()));
+        if spec.dns_names.len() + spec.ip_addresses.len() > MAX_SERVER_SANS {
+            return Err(bad(format!(
+                "more than {MAX_SERVER_SANS} subject alternative names"
+            )));
         }
         let params = leaf_params(&spec, LEAF_VALIDITY)?;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;

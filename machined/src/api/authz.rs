@@ -76,6 +76,12 @@ pub const RULES: &[Rule] = &[
         Access::Read,
         false,
     ),
+    // Cluster-admin credentials: as powerful as the config itself.
+    rule(
+        "/machine.v1alpha1.MachineService/Kubeconfig",
+        Access::Admin,
+        false,
+    ),
     rule(
         "/machine.v1alpha1.MachineService/Reboot",
         Access::Operate,
@@ -213,6 +219,60 @@ pub struct Authz<S> {
 #[derive(Clone, Debug)]
 pub struct Caller(pub Option<Arc<str>>);
 
+/// Which listener a request came in on: handlers must not infer it from
+/// the node's state, which may have changed since the connection opened
+/// (the maintenance takeover race).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    Maintenance,
+    MutualTls,
+}
+
+/// Work a handler attached to its response (reload, reboot): fired when
+/// the response body has been sent, or dropped unsent.
+#[derive(Clone, Debug)]
+pub struct FireAfterReply(pub Arc<std::sync::Mutex<Option<crate::node::AfterReply>>>);
+
+/// A response body that holds [`FireAfterReply`] until hyper drops the
+/// body: after its last frame (the trailers carrying the status) has been
+/// handed to the connection.
+struct AfterBody {
+    inner: tonic::body::Body,
+    _fire: Option<crate::node::AfterReply>,
+}
+
+impl http_body::Body for AfterBody {
+    type Data = <tonic::body::Body as http_body::Body>::Data;
+    type Error = <tonic::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Moves a handler's after-reply work from the response's extensions into
+/// its body.
+fn hold_until_sent(
+    mut resp: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let Some(FireAfterReply(slot)) = resp.extensions_mut().remove::<FireAfterReply>() else {
+        return resp;
+    };
+    let fire = slot.lock().ok().and_then(|mut s| s.take());
+    resp.map(|inner| tonic::body::Body::new(AfterBody { inner, _fire: fire }))
+}
+
 impl<S, B> tower::Service<http::Request<B>> for Authz<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
@@ -222,7 +282,10 @@ where
     type Error = S::Error;
     type Future = futures::future::Either<
         futures::future::Ready<Result<Self::Response, Self::Error>>,
-        S::Future,
+        futures::future::MapOk<
+            S::Future,
+            fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+        >,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -245,7 +308,18 @@ where
                     })
                     .map(Arc::from);
                 req.extensions_mut().insert(Caller(who));
-                futures::future::Either::Right(self.inner.call(req))
+                req.extensions_mut().insert(if self.maintenance {
+                    Listener::Maintenance
+                } else {
+                    Listener::MutualTls
+                });
+                use futures::TryFutureExt;
+                futures::future::Either::Right(self.inner.call(req).map_ok(
+                    hold_until_sent
+                        as fn(
+                            http::Response<tonic::body::Body>,
+                        ) -> http::Response<tonic::body::Body>,
+                ))
             }
             Err(status) => {
                 futures::future::Either::Left(futures::future::ready(Ok(status.into_http())))

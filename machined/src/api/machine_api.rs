@@ -7,13 +7,13 @@ use machine_api::proto::machine_service_server::MachineService;
 use machine_api::proto::{
     ApplyConfigurationRequest, ApplyConfigurationResponse, ApplyMode as ProtoMode, BootMark,
     BootTimelineResponse, ConfirmConfigurationResponse, Empty, GetConfigurationResponse,
-    HealthResponse, ResetRequest, VersionResponse,
+    HealthResponse, KubeconfigResponse, ResetRequest, VersionResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::service_api::info as service_info;
-use crate::node::{ApplyMode, Control, Node};
+use crate::node::{ApplyMode, Node, Outcome, Request as NodeRequest, Via};
 use crate::supervisor::ServiceState;
 
 /// Default time a `try` waits for confirmation.
@@ -32,7 +32,7 @@ fn who<T>(r: &Request<T>) -> String {
 #[tonic::async_trait]
 impl MachineService for MachineApi {
     async fn version(&self, _: Request<Empty>) -> Result<Response<VersionResponse>, Status> {
-        let cfg = self.0.config().await;
+        let cfg = self.0.config();
         Ok(Response::new(VersionResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             node: self.0.identity_for(cfg.as_ref()).name,
@@ -55,7 +55,18 @@ impl MachineService for MachineApi {
         r: Request<ApplyConfigurationRequest>,
     ) -> Result<Response<ApplyConfigurationResponse>, Status> {
         let caller = who(&r);
+        let listener = r
+            .extensions()
+            .get::<super::authz::Listener>()
+            .copied()
+            .unwrap_or(super::authz::Listener::Maintenance);
         let req = r.into_inner();
+        let via = match listener {
+            super::authz::Listener::Maintenance => Via::Maintenance {
+                token_ok: self.0.maintenance_token_ok(&req.maintenance_token),
+            },
+            super::authz::Listener::MutualTls => Via::Authenticated,
+        };
         let proto_mode = req.mode();
         let text = String::from_utf8(req.data)
             .map_err(|_| Status::invalid_argument("the config is not UTF-8 text"))?;
@@ -68,48 +79,58 @@ impl MachineService for MachineApi {
                 s => Duration::from_secs(u64::from(s)),
             }),
         };
-        let out = self
-            .0
-            .apply(&text, mode, req.dry_run, &req.maintenance_token)
-            .await?;
-        info!(caller, outcome = out.outcome, "apply-config");
-        Ok(Response::new(ApplyConfigurationResponse {
-            outcome: out.outcome.into(),
-            diff: out.diff,
-            reboot_required: out.reboot_required,
-            message: out.message,
-        }))
+        let out = self.0.apply(&text, mode, req.dry_run, via).await;
+        let Outcome { reply, after } = match out {
+            Ok(o) => o,
+            Err(e) => {
+                info!(caller, error = %e, "apply-config refused");
+                return Err(e.into());
+            }
+        };
+        info!(caller, outcome = reply.outcome, "apply-config");
+        Ok(with_after(
+            ApplyConfigurationResponse {
+                outcome: reply.outcome.into(),
+                diff: reply.diff,
+                reboot_required: reply.reboot_required,
+                message: reply.message,
+                problems: reply.problems,
+            },
+            after,
+        ))
     }
 
     async fn confirm_configuration(
         &self,
         _: Request<Empty>,
     ) -> Result<Response<ConfirmConfigurationResponse>, Status> {
-        let message = self.0.confirm().await?;
-        Ok(Response::new(ConfirmConfigurationResponse { message }))
+        let out = self.0.request(NodeRequest::Confirm).await?;
+        Ok(with_after(
+            ConfirmConfigurationResponse {
+                message: out.reply.message,
+            },
+            out.after,
+        ))
     }
 
     async fn get_configuration(
         &self,
         _: Request<Empty>,
     ) -> Result<Response<GetConfigurationResponse>, Status> {
-        let cfg = self
-            .0
-            .config()
-            .await
+        let snap = self.0.snapshot();
+        let cfg = snap
+            .config
+            .as_ref()
             .ok_or_else(|| Status::failed_precondition("the node has no config"))?;
-        let try_deadline = self
-            .0
-            .store
-            .pending_try()
-            .ok()
-            .flatten()
-            .map(|t| t.deadline_unix_ms)
-            .unwrap_or(0);
         Ok(Response::new(GetConfigurationResponse {
             data: cfg.redacted().to_yaml().into_bytes(),
-            staged_pending: self.0.store.staged_pending(),
-            try_deadline_unix_ms: try_deadline,
+            staged_pending: snap.record.staged.is_some(),
+            try_deadline_unix_ms: snap
+                .record
+                .trial
+                .as_ref()
+                .map(|t| t.deadline_unix_ms)
+                .unwrap_or(0),
         }))
     }
 
@@ -120,7 +141,7 @@ impl MachineService for MachineApi {
         Ok(Response::new(HealthResponse {
             healthy,
             last_event: self.0.last_event().unwrap_or_default(),
-            maintenance: self.0.in_maintenance().await,
+            maintenance: self.0.in_maintenance(),
             services: services.into_iter().map(service_info).collect(),
         }))
     }
@@ -143,21 +164,48 @@ impl MachineService for MachineApi {
         Ok(Response::new(BootTimelineResponse { marks }))
     }
 
+    async fn kubeconfig(&self, r: Request<Empty>) -> Result<Response<KubeconfigResponse>, Status> {
+        let cfg = self
+            .0
+            .config()
+            .ok_or_else(|| Status::failed_precondition("the node has no config"))?;
+        let data = crate::roles::kubernetes::files::admin_kubeconfig(&cfg)
+            .map_err(Status::failed_precondition)?;
+        info!(caller = who(&r), "admin kubeconfig issued");
+        Ok(Response::new(KubeconfigResponse {
+            data: data.into_bytes(),
+        }))
+    }
+
     async fn reboot(&self, r: Request<Empty>) -> Result<Response<Empty>, Status> {
         info!(caller = who(&r), "reboot requested");
-        self.0.request(Control::Reboot);
-        Ok(Response::new(Empty {}))
+        let out = self.0.request(NodeRequest::Reboot).await?;
+        Ok(with_after(Empty {}, out.after))
     }
 
     async fn shutdown(&self, r: Request<Empty>) -> Result<Response<Empty>, Status> {
         info!(caller = who(&r), "shutdown requested");
-        self.0.request(Control::Shutdown);
-        Ok(Response::new(Empty {}))
+        let out = self.0.request(NodeRequest::Shutdown).await?;
+        Ok(with_after(Empty {}, out.after))
     }
 
     async fn reset(&self, r: Request<ResetRequest>) -> Result<Response<Empty>, Status> {
         info!(caller = who(&r), "reset requested");
-        self.0.reset(r.into_inner().graceful).await?;
-        Ok(Response::new(Empty {}))
+        let graceful = r.into_inner().graceful;
+        let out = self.0.request(NodeRequest::Reset { graceful }).await?;
+        Ok(with_after(Empty {}, out.after))
     }
+}
+
+/// A response carrying the work that follows it: the API's after-reply
+/// layer fires it once the response has been sent.
+fn with_after<T>(message: T, after: Option<crate::node::AfterReply>) -> Response<T> {
+    let mut r = Response::new(message);
+    if let Some(a) = after {
+        r.extensions_mut()
+            .insert(super::authz::FireAfterReply(std::sync::Arc::new(
+                std::sync::Mutex::new(Some(a)),
+            )));
+    }
+    r
 }

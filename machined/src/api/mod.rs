@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod etcd_api;
+pub mod listener;
 pub mod machine_api;
 pub mod service_api;
 pub mod tls;
@@ -19,6 +20,19 @@ use tracing::{error, info, warn};
 
 use crate::node::{Control, Node};
 use tls::ServerIdentity;
+
+/// A listening socket with SO_REUSEADDR: a reload binds again at once,
+/// while the connection whose reply triggered it may still be open.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
 
 /// Prints what an operator at the console needs to reach this node.
 fn banner(node: &Node, id: &tls::ServerIdentity, maintenance: bool, name: &str) {
@@ -104,7 +118,7 @@ async fn renew_identity(
 /// identity changes (maintenance → configured, reset, new CA or names).
 pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control>) -> Control {
     loop {
-        let cfg = node.config().await;
+        let cfg = node.config();
         let maintenance = cfg.is_none();
         let me = node.identity_for(cfg.as_ref());
         let id = match &cfg {
@@ -137,20 +151,33 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
             }
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
-            .tls_config(id.tls_config())
-            .map(|b| {
-                b.layer(authz::AuthzLayer { maintenance })
-                    .add_service(MachineServiceServer::new(machine_api::MachineApi(
-                        node.clone(),
-                    )))
-                    .add_service(ServiceServiceServer::new(service_api::ServiceApi(
-                        node.clone(),
-                    )))
-                    .add_service(EtcdServiceServer::new(etcd_api::EtcdApi(node.clone())))
-                    .serve_with_shutdown(node.opts.listen, async {
-                        let _ = stop_rx.await;
-                    })
+        let (tls, listener) = match id
+            .rustls_config()
+            .map_err(|e| format!("TLS configuration rejected: {e}"))
+            .and_then(|tls| {
+                bind(node.opts.listen)
+                    .map(|l| (tls, l))
+                    .map_err(|e| format!("cannot listen on {}: {e}", node.opts.listen))
+            }) {
+            Ok(x) => x,
+            Err(e) => {
+                error!("{e}; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let limits = listener::Limits::default();
+        let server = listener::server(&limits)
+            .layer(authz::AuthzLayer { maintenance })
+            .add_service(MachineServiceServer::new(machine_api::MachineApi(
+                node.clone(),
+            )))
+            .add_service(ServiceServiceServer::new(service_api::ServiceApi(
+                node.clone(),
+            )))
+            .add_service(EtcdServiceServer::new(etcd_api::EtcdApi(node.clone())))
+            .serve_with_incoming_shutdown(listener::incoming(listener, tls, limits), async {
+                let _ = stop_rx.await;
             });
         // Nodes holding the OS CA key also sign workers' certificates on
         // the trust port (server TLS only: workers have no client
@@ -159,31 +186,35 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
         let (trust_stop_tx, trust_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let trust_task = if signs {
             let addr = trust::listen_addr(node.opts.listen);
-            match tonic::transport::Server::builder().tls_config(
-                ServerIdentity::new(id.cert_pem.clone(), id.key_pem.clone(), None).tls_config(),
-            ) {
-                Ok(mut b) => Some(tokio::spawn(
-                    b.add_service(trust::service(node.clone()))
-                        .serve_with_shutdown(addr, async {
-                            let _ = trust_stop_rx.await;
-                        }),
-                )),
+            let tls =
+                ServerIdentity::new(id.cert_pem.clone(), id.key_pem.clone(), None).rustls_config();
+            match tls.map_err(|e| e.to_string()).and_then(|tls| {
+                bind(addr)
+                    .map(|l| (tls, l))
+                    .map_err(|e| format!("cannot listen on {addr}: {e}"))
+            }) {
+                Ok((tls, l)) => {
+                    let limits = listener::Limits::trust();
+                    Some(tokio::spawn(
+                        listener::server(&limits)
+                            .add_service(trust::service(node.clone()))
+                            .serve_with_incoming_shutdown(
+                                listener::incoming(l, tls, limits),
+                                async {
+                                    let _ = trust_stop_rx.await;
+                                },
+                            ),
+                    ))
+                }
                 Err(e) => {
-                    error!("trust endpoint TLS configuration rejected: {e}");
+                    error!("trust endpoint not served: {e}");
                     None
                 }
             }
         } else {
             None
         };
-        let mut task = match server {
-            Ok(fut) => tokio::spawn(fut),
-            Err(e) => {
-                error!("TLS configuration rejected: {e}; retrying in 5s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                continue;
-            }
-        };
+        let mut task = tokio::spawn(server);
         // The banner tells operators to connect: print it once the port
         // accepts connections, not before.
         wait_listening(node.opts.listen).await;
@@ -205,7 +236,7 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
             }
             r = &mut task => {
                 match r {
-                    Ok(Err(e)) => error!("OS API server stopped: {e}"),
+                    Ok(Err(e)) => error!("OS API server stopped: {}", crate::node::chain(&e)),
                     Ok(Ok(())) => warn!("OS API server stopped"),
                     Err(e) => error!("OS API server task failed: {e}"),
                 }

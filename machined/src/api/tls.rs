@@ -3,10 +3,12 @@
 //! pins (maintenance mode).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use machine_api::atomic::write_atomic;
 use machine_api::config::MachineConfig;
 use machine_api::pki::kube::{os_api_server, NodeIdentity};
+use machine_api::pki::pem::{certs_from_pem, key_from_pem};
 use machine_api::pki::{fingerprint_sha256, parse_cert_der, CertificateAuthority, LeafSpec, Usage};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
@@ -48,6 +50,44 @@ impl ServerIdentity {
             Some(ca) => tls.client_ca_root(Certificate::from_pem(ca)),
             None => tls,
         }
+    }
+
+    /// The same server configuration as [`tls_config`](Self::tls_config)
+    /// (client certificates required and checked against the OS CA when
+    /// there is one, ALPN h2), as rustls takes it: for
+    /// [`listener::incoming`](super::listener::incoming), which runs the
+    /// handshake itself, with a deadline.
+    pub fn rustls_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs =
+            certs_from_pem(&self.cert_pem).map_err(|e| format!("server certificate: {e}"))?;
+        let key = key_from_pem(&self.key_pem).map_err(|e| format!("server key: {e}"))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = match &self.client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in certs_from_pem(ca).map_err(|e| format!("OS CA certificate: {e}"))? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("OS CA certificate: {e}"))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| format!("client certificate verifier: {e}"))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("server certificate and key: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// A hash of what the identity is made from: when it changes, the

@@ -20,6 +20,7 @@ use machine_api::pki::{server_certificate_request, CertificateAuthority};
 use machine_api::proto::trust_service_client::TrustServiceClient;
 use machine_api::proto::trust_service_server::{TrustService, TrustServiceServer};
 use machine_api::proto::{SignServerCertificateRequest, SignServerCertificateResponse};
+use machine_api::retry::Backoff;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -52,7 +53,6 @@ impl TrustService for TrustApi {
         let cfg = self
             .0
             .config()
-            .await
             .ok_or_else(|| Status::unavailable("this node has no config yet"))?;
         let key =
             cfg.secrets.os_ca.key.as_ref().ok_or_else(|| {
@@ -109,8 +109,9 @@ pub fn endpoint_of(cfg: &MachineConfig) -> Result<(String, String), String> {
 fn cached(dir: &Path, cfg: &MachineConfig, me: &NodeIdentity) -> Option<(String, String)> {
     let cert = std::fs::read_to_string(dir.join("os-api.crt")).ok()?;
     let key = std::fs::read_to_string(dir.join("os-api.key")).ok()?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert.as_bytes()).ok()?;
-    let x = pem.parse_x509().ok()?;
+    use x509_parser::prelude::FromDer;
+    let der = machine_api::pki::pem::first_cert_der(&cert).ok()?;
+    let (_, x) = x509_parser::certificate::X509Certificate::from_der(&der).ok()?;
     // Any time left will do: one due for renewal is served while the serve
     // loop asks for its replacement, so a restart never costs the API.
     x.validity().time_to_expiration()?;
@@ -234,21 +235,23 @@ async fn request_until(
     refusal_ends: bool,
     give_up: Option<std::time::Instant>,
 ) -> Result<(String, String), (bool, String)> {
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match request_once(cfg, spec).await {
-            Ok(signed) => return Ok(signed),
-            Err((true, e)) if refusal_ends => return Err((true, e)),
-            Err((_, e)) if give_up.is_some_and(|t| std::time::Instant::now() >= t) => {
-                return Err((false, e))
-            }
-            Err((_, e)) => {
-                node.note_event(format!("{doing}: {e}"));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(15));
-            }
-        }
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(15));
+    if let Some(t) = give_up {
+        backoff = backoff.deadline(t);
     }
+    backoff
+        .retry(
+            || request_once(cfg, spec),
+            |(refused, e), _| {
+                if *refused && refusal_ends {
+                    return false;
+                }
+                node.note_event(format!("{doing}: {e}"));
+                true
+            },
+        )
+        .await
+        .map_err(|(refused, e)| (refused && refusal_ends, e))
 }
 
 /// Keeps a signed certificate and its key on STATE.

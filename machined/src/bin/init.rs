@@ -16,6 +16,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use machine_api::layout::{self, Slot};
+use machine_api::retry::Backoff;
 use machined::timeline::Timeline;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
@@ -143,10 +145,9 @@ fn loopback_up() {
 }
 
 fn cmdline_value(key: &str) -> Option<String> {
-    std::fs::read_to_string("/proc/cmdline").ok().and_then(|c| {
-        c.split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
-    })
+    machined::cmdline::Cmdline::current()
+        .get(key)
+        .map(str::to_owned)
 }
 
 /// Removes the initramfs' files (they live in RAM) without crossing into
@@ -176,24 +177,25 @@ fn free_initramfs(dir: &Path, root_dev: u64) {
 /// Mounts slot `slot`'s squashfs (found by GPT partition name) on /sysroot
 /// and makes it the root: the kernel filesystems move along, the
 /// initramfs is freed, then chroot.
-fn switch_root(slot: &str) -> Result<(), String> {
-    let started = Instant::now();
-    let part = loop {
-        if let Some(p) = machined::disks::find(Path::new("/sys/class/block"), slot) {
-            break p;
-        }
-        if started.elapsed() > Duration::from_secs(15) {
-            return Err(format!(
-                "no partition named {slot} after 15 s (is the disk attached, and its driver in the image's kernel.modules?)"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+fn switch_root(slot: Slot) -> Result<(), String> {
+    // The disk's driver may still be probing: look every 50 ms for 15 s.
+    let part = Backoff::constant(Duration::from_millis(50))
+        .timeout(Duration::from_secs(15))
+        .retry_blocking(
+            || machined::disks::find(Path::new("/sys/class/block"), slot.partition()).ok_or(()),
+            |_, _| true,
+        )
+        .map_err(|()| {
+            format!(
+                "no partition named {} after 15 s (is the disk attached, and its driver in the image's kernel.modules?)",
+                slot.partition()
+            )
+        })?;
     let _ = std::fs::create_dir_all("/sysroot");
     mount(
         Some(&part.dev),
         "/sysroot",
-        Some("squashfs"),
+        Some(layout::ROOT_FSTYPE),
         MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
         None::<&str>,
     )
@@ -270,24 +272,21 @@ fn stop_everything() {
     let _ = nix::sys::signal::kill(Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
     reap(None);
     nix::unistd::sync();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut targets: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let fstype = right.split_whitespace().next()?;
-            matches!(fstype, "ext4" | "xfs" | "vfat")
-                .then(|| left.split_whitespace().nth(4))
-                .flatten()
-        })
+    let mut targets: Vec<std::path::PathBuf> = machined::mountinfo::current()
+        .into_iter()
+        .filter(|m| matches!(m.fstype.as_str(), "ext4" | "xfs" | "vfat"))
+        .map(|m| m.mount_point)
         .collect();
     targets.reverse(); // deepest (most recent) first
     for t in targets {
-        if let Err(e) = umount2(t, MntFlags::empty()) {
-            log(&format!("unmount {t}: {e}; remounting read-only"));
+        if let Err(e) = umount2(&t, MntFlags::empty()) {
+            log(&format!(
+                "unmount {}: {e}; remounting read-only",
+                t.display()
+            ));
             let _ = mount(
                 None::<&str>,
-                t,
+                &t,
                 None::<&str>,
                 MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
                 None::<&str>,
@@ -297,9 +296,7 @@ fn stop_everything() {
 }
 
 fn cmdline_has(word: &str) -> bool {
-    std::fs::read_to_string("/proc/cmdline")
-        .map(|c| c.split_whitespace().any(|w| w == word))
-        .unwrap_or(false)
+    machined::cmdline::Cmdline::current().has(word)
 }
 
 fn power(mode: RebootMode) -> ! {
@@ -366,8 +363,12 @@ fn main() {
     let handoff = uptime();
     log("init started");
     load_modules();
-    if let Some(slot) = cmdline_value("slot") {
-        if let Err(e) = switch_root(&slot) {
+    if let Some(slot) = cmdline_value(layout::SLOT_PARAM) {
+        let switched = match Slot::parse(&slot) {
+            Some(s) => switch_root(s),
+            None => Err("unknown slot (A or B expected)".to_owned()),
+        };
+        if let Err(e) = switched {
             // Without its root the node cannot run machined: say why on the
             // console, then reboot so systemd-boot counts this try down and
             // falls back to the other slot.
@@ -387,8 +388,8 @@ fn main() {
     );
     timeline.mark(
         "root ready",
-        &cmdline_value("slot")
-            .map(|s| format!("slot {s} (squashfs)"))
+        &cmdline_value(layout::SLOT_PARAM)
+            .map(|s| format!("slot {s} ({})", layout::ROOT_FSTYPE))
             .unwrap_or_else(|| "initramfs".into()),
     );
     loopback_up();
@@ -398,7 +399,8 @@ fn main() {
     }
     let mut machined = start_machined();
     let mut last_start = Instant::now();
-    let mut backoff = Duration::from_secs(1);
+    // 1 s, doubling up to 30 s; back to 1 s after a run of over a minute.
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         std::thread::sleep(Duration::from_millis(200));
         if let Some(code) = reap(machined) {
@@ -406,16 +408,15 @@ fn main() {
                 EXIT_REBOOT => power(RebootMode::RB_AUTOBOOT),
                 0 => power(RebootMode::RB_POWER_OFF),
                 _ => {
+                    if last_start.elapsed() > Duration::from_secs(60) {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
                     log(&format!(
                         "machined exited with {code}; restarting in {}s",
-                        backoff.as_secs()
+                        delay.as_secs()
                     ));
-                    std::thread::sleep(backoff);
-                    backoff = if last_start.elapsed() > Duration::from_secs(60) {
-                        Duration::from_secs(1)
-                    } else {
-                        (backoff * 2).min(Duration::from_secs(30))
-                    };
+                    std::thread::sleep(delay);
                     machined = start_machined();
                     last_start = Instant::now();
                 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use ipnet::{IpNet, Ipv4Net};
+use machine_api::retry::Backoff;
 use tokio::net::UdpSocket;
 use tracing::{info, warn};
 
@@ -176,7 +177,8 @@ async fn request(
 pub async fn acquire(ifname: &str, mac: [u8; 6], wait: Duration) -> Result<Lease, DhcpError> {
     let sock = socket(ifname)?;
     let deadline = tokio::time::Instant::now() + wait;
-    let mut backoff = Duration::from_millis(500);
+    // How long to wait for an offer: 0.5 s, doubling up to 4 s.
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(4));
     while tokio::time::Instant::now() < deadline {
         let xid: u32 = rand::random();
         send(
@@ -185,7 +187,7 @@ pub async fn acquire(ifname: &str, mac: [u8; 6], wait: Duration) -> Result<Lease
             Ipv4Addr::BROADCAST,
         )
         .await?;
-        if let Some(offer) = receive(&sock, xid, backoff).await? {
+        if let Some(offer) = receive(&sock, xid, backoff.next_delay()).await? {
             if offer.opts().msg_type() == Some(MessageType::Offer) {
                 let server = server_id(&offer).unwrap_or(offer.siaddr());
                 if let Some(lease) = request(&sock, mac, offer.yiaddr(), server).await? {
@@ -193,7 +195,6 @@ pub async fn acquire(ifname: &str, mac: [u8; 6], wait: Duration) -> Result<Lease
                 }
             }
         }
-        backoff = (backoff * 2).min(Duration::from_secs(4));
     }
     Err(DhcpError::NoOffer(wait.as_secs()))
 }

@@ -129,10 +129,8 @@ impl Plan {
             hostname: None,
         };
         let mut any = false;
-        for arg in cmdline
-            .split_whitespace()
-            .filter_map(|w| w.strip_prefix("ip="))
-        {
+        let parsed = crate::cmdline::Cmdline::parse(cmdline);
+        for arg in parsed.values("ip") {
             any = true;
             let bad = |message: &str| NetError::KernelArg {
                 arg: arg.to_owned(),

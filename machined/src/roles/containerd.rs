@@ -204,6 +204,9 @@ pub fn service(ctx: &RoleContext) -> Result<ServiceSpec, RoleError> {
         stop_timeout: Duration::from_secs(10),
         pre_start: None,
         cpu_weight: None,
+        // containerd's upstream unit value (2017-2023; CRI-O's today);
+        // containers inherit it unless their spec sets one.
+        nofile: Some(crate::limits::DEFAULT_SERVICE_NOFILE),
     })
 }
 

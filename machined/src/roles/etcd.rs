@@ -13,6 +13,7 @@ use machine_api::atomic::write_atomic;
 use machine_api::config::MachineConfig;
 use machine_api::pki::kube as leaves;
 use machine_api::pki::CertificateAuthority;
+use machine_api::retry::Backoff;
 use sha2::{Digest, Sha256};
 
 use super::etcd_client::EtcdClient;
@@ -389,17 +390,19 @@ impl PreStart for EtcdPreStart {
                 // Waiting for the cluster is not a failure: retry each
                 // second, saying why, for up to JOIN_WAIT; only then fail
                 // (and let the supervisor back off).
-                let deadline = std::time::Instant::now() + JOIN_WAIT;
-                let initial = loop {
-                    match self.join(endpoints.clone()).await {
-                        Ok(initial) => break initial,
-                        Err((true, why)) if std::time::Instant::now() < deadline => {
-                            progress(format!("waiting to join: {why}"));
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        Err((_, why)) => return Err(why),
-                    }
-                };
+                let initial = Backoff::constant(Duration::from_secs(1))
+                    .timeout(JOIN_WAIT)
+                    .retry(
+                        || self.join(endpoints.clone()),
+                        |(waiting, why), _| {
+                            if *waiting {
+                                progress(format!("waiting to join: {why}"));
+                            }
+                            *waiting
+                        },
+                    )
+                    .await
+                    .map_err(|(_, why)| why)?;
                 config.insert("initial-cluster".into(), json!(initial));
                 config.insert("initial-cluster-state".into(), json!("existing"));
             }
@@ -488,11 +491,18 @@ pub fn service(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Option<ServiceS
         // etcd is latency-critical (raft heartbeats, leader leases): it
         // wins the CPU over bulk work such as image pulls in containerd.
         cpu_weight: Some(ETCD_CPU_WEIGHT),
+        nofile: Some(ETCD_NOFILE),
     }))
 }
 
 /// etcd's CPU share against the default of 100.
 pub const ETCD_CPU_WEIGHT: u32 = 500;
+
+/// etcd's open-files limit: Debian's etcd-server unit (the binary the
+/// image ships) sets `LimitNOFILE=65536`; etcd's own
+/// `contrib/systemd/etcd.service` sets 40000. An fd per client connection
+/// and peer, plus its WAL and snapshot files: far below either.
+pub const ETCD_NOFILE: u64 = 65_536;
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,7 @@
 pub mod containerd;
 pub mod etcd;
 pub mod etcd_client;
+pub mod kubernetes;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -21,6 +22,12 @@ pub enum RoleError {
     MissingBinary {
         role: &'static str,
         binary: &'static str,
+        where_: String,
+    },
+    #[error("{role}: this image has no {binaries} (looked in {where_}); build an image with Kubernetes (see docs/images.md)")]
+    MissingBinaries {
+        role: &'static str,
+        binaries: String,
         where_: String,
     },
     #[error("{0}: {1}")]
@@ -76,16 +83,28 @@ impl RoleContext {
     }
 }
 
-/// The services `cfg` asks for on this node.
+/// The services `cfg` asks for on this node, and the roles that cannot
+/// run (a missing binary, a missing secret). A role that cannot run does
+/// not stop the others: containerd and etcd keep running when the image
+/// lacks Kubernetes.
 pub fn desired_services(
     cfg: &MachineConfig,
     ctx: &RoleContext,
-) -> Result<Vec<ServiceSpec>, RoleError> {
+) -> Result<(Vec<ServiceSpec>, Vec<RoleError>), RoleError> {
     let mut out = vec![containerd::service(ctx)?];
+    let mut problems = Vec::new();
     if cfg.has_role(Role::Etcd) {
-        if let Some(spec) = etcd::service(cfg, ctx)? {
-            out.push(spec);
+        match etcd::service(cfg, ctx) {
+            Ok(Some(spec)) => out.push(spec),
+            Ok(None) => {}
+            Err(e) => problems.push(e),
         }
     }
-    Ok(out)
+    if cfg.has_role(Role::Controlplane) {
+        match kubernetes::services(cfg, ctx) {
+            Ok(s) => out.extend(s),
+            Err(e) => problems.push(e),
+        }
+    }
+    Ok((out, problems))
 }

@@ -3,8 +3,8 @@
 
 use machine_api::config::MachineConfig;
 
-/// Fields that only take effect at boot: disks, links, kernel modules and
-/// kernel parameters are set up by init before services start.
+/// Fields that only take effect at boot: disks and links are set up
+/// before services start.
 /// Reads one field of a config as comparable text.
 type FieldReader = fn(&MachineConfig) -> String;
 
@@ -13,19 +13,34 @@ const REBOOT_FIELDS: &[(&str, FieldReader)] = &[
         format!("{:?}", c.machine.install_disk)
     }),
     ("machine.network", |c| format!("{:?}", c.machine.network)),
-    ("machine.kernelModules", |c| {
-        format!("{:?}", c.machine.kernel_modules)
-    }),
-    ("machine.sysctls", |c| format!("{:?}", c.machine.sysctls)),
 ];
 
-/// The fields whose change needs a reboot.
+/// The fields whose change needs a reboot. Kernel settings are applied
+/// live when added or changed; removing one needs a reboot, since the
+/// kernel keeps a set sysctl and a loaded module until then.
 pub fn reboot_required(old: &MachineConfig, new: &MachineConfig) -> Vec<&'static str> {
-    REBOOT_FIELDS
+    let mut fields: Vec<&'static str> = REBOOT_FIELDS
         .iter()
         .filter(|(_, get)| get(old) != get(new))
         .map(|(name, _)| *name)
-        .collect()
+        .collect();
+    if old
+        .machine
+        .kernel_modules
+        .iter()
+        .any(|m| !new.machine.kernel_modules.contains(m))
+    {
+        fields.push("machine.kernelModules (a module removed)");
+    }
+    if old
+        .machine
+        .sysctls
+        .keys()
+        .any(|k| !new.machine.sysctls.contains_key(k))
+    {
+        fields.push("machine.sysctls (a sysctl removed)");
+    }
+    fields
 }
 
 /// A unified diff of the two configs with secrets redacted.

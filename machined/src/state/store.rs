@@ -1,23 +1,34 @@
-//! Files of the config store, under the state directory:
+//! The machine's config state on disk: one record, `machine-state.json`
+//! under the state directory, holding the running config, the one before it
+//! (last-known-good), a staged config, a pending `try`, and whether a reset
+//! is under way.
 //!
-//! - `config.yaml`: the config the node runs;
-//! - `config.lkg.yaml`: the one before it (last-known-good), for rollback;
-//! - `config.staged.yaml`: applied with `staged`, promoted at next boot;
-//! - `try.json`: a `try` apply waiting for confirmation.
+//! Why one file: every transition (apply, try, confirm, rollback, stage,
+//! reset) changes several of these together. Written as separate files, a
+//! crash between two writes left combinations no transition produces (a
+//! trial config without the record that rolls it back). One record written
+//! with [`write_atomic`] (temp file, fsync, rename, fsync of the directory)
+//! makes each transition a single rename: after a crash the node finds the
+//! record before the transition or after it, never between.
 
 use std::fs;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use machine_api::atomic::write_atomic;
-use machine_api::config::MachineConfig;
+use machine_api::atomic::StagedFile;
 use serde::{Deserialize, Serialize};
 
-const CURRENT: &str = "config.yaml";
-const LKG: &str = "config.lkg.yaml";
-const STAGED: &str = "config.staged.yaml";
-const TRY: &str = "try.json";
+/// The record's file name.
+pub const RECORD: &str = "machine-state.json";
+/// Files of the earlier layout (one per part), migrated on first load.
+const LEGACY_CURRENT: &str = "config.yaml";
+const LEGACY_LKG: &str = "config.lkg.yaml";
+const LEGACY_STAGED: &str = "config.staged.yaml";
+const LEGACY_TRY: &str = "try.json";
+/// A record bigger than this is not ours (four configs of at most 1 MiB).
+const MAX_RECORD_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,8 +38,10 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    #[error("no previous config to roll back to")]
-    NoPrevious,
+    #[error(
+        "config store {path} is damaged ({reason}); reset the node (osctl reset) to start over"
+    )]
+    Damaged { path: PathBuf, reason: String },
 }
 
 /// A `try` apply waiting for confirmation.
@@ -59,97 +72,155 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// What the store found at boot, and what it did to get there.
-#[derive(Debug)]
-pub struct BootConfig {
-    pub config: Option<MachineConfig>,
-    /// Things worth telling the operator (staged config promoted, rollback).
-    pub notes: Vec<String>,
+/// Everything the node keeps about its config, as one value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    /// Bumped by every transition; a `try` watcher names the generation it
+    /// watches, so a stale one cannot roll back a newer config.
+    pub generation: u64,
+    /// The running config (canonical YAML); none in maintenance mode.
+    pub current: Option<String>,
+    /// The config before it: what a `try` or a refused config goes back to.
+    pub previous: Option<String>,
+    /// Applied with `staged`: becomes current at the next boot.
+    pub staged: Option<String>,
+    /// `current` is on trial and rolls back to `previous` unless confirmed.
+    pub trial: Option<TryState>,
+    /// A reset began and has not finished: the next start finishes it.
+    #[serde(default)]
+    pub resetting: bool,
 }
 
-/// The config store.
-#[derive(Clone, Debug)]
+/// Where a record write can be interrupted; fault-injection tests stop the
+/// write (or the process) at each one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WritePoint {
+    /// Before the temp file exists.
+    Begin,
+    /// The temp file is written and fsynced, not yet renamed.
+    Staged,
+    /// Renamed into place, directory not yet fsynced.
+    Renamed,
+}
+
+/// A hook called at each [`WritePoint`]: an error stops the write there,
+/// as a crash would (tests only; production stores have none).
+pub type FaultHook = Arc<dyn Fn(WritePoint) -> io::Result<()> + Send + Sync>;
+
+/// The record store.
+#[derive(Clone)]
 pub struct ConfigStore {
     dir: PathBuf,
+    fault: Option<FaultHook>,
+}
+
+impl std::fmt::Debug for ConfigStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConfigStore {
     pub fn new(dir: PathBuf) -> Self {
-        ConfigStore { dir }
+        ConfigStore { dir, fault: None }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+    /// A store whose writes call `hook` at each write point.
+    pub fn with_fault_hook(mut self, hook: FaultHook) -> Self {
+        self.fault = Some(hook);
+        self
     }
 
-    fn io<T>(&self, name: &str, r: io::Result<T>) -> Result<T, StoreError> {
-        r.map_err(|source| StoreError::Io {
-            path: self.path(name),
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(RECORD)
+    }
+
+    fn io_err(&self, name: &str, source: io::Error) -> StoreError {
+        StoreError::Io {
+            path: self.dir.join(name),
             source,
-        })
+        }
     }
 
-    fn read(&self, name: &str) -> Result<Option<String>, StoreError> {
-        match fs::read_to_string(self.path(name)) {
+    fn read_opt(&self, name: &str) -> Result<Option<String>, StoreError> {
+        match fs::read_to_string(self.dir.join(name)) {
             Ok(t) => Ok(Some(t)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => self.io(name, Err(e)),
+            Err(e) => Err(self.io_err(name, e)),
         }
     }
 
-    fn write(&self, name: &str, text: &str) -> Result<(), StoreError> {
-        self.io(name, write_atomic(&self.path(name), text.as_bytes(), 0o600))
-    }
-
-    fn remove(&self, name: &str) -> Result<(), StoreError> {
-        match fs::remove_file(self.path(name)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => self.io(name, Err(e)),
-        }
-    }
-
-    /// Decides the config to boot with: promotes a staged config and falls
-    /// back to last-known-good when the current file does not parse. (A
-    /// pending try is the caller's to judge: it survives a machined restart
-    /// but not a reboot.)
-    pub fn load_at_boot(&self) -> Result<BootConfig, StoreError> {
-        let mut notes = Vec::new();
+    /// Reads the record (an empty one when there is none), migrating the
+    /// earlier one-file-per-part layout once.
+    pub fn load(&self) -> Result<Record, StoreError> {
         self.remove_stale_temp_files();
-        if let Some(staged) = self.read(STAGED)? {
-            match MachineConfig::parse(&staged) {
-                Ok(_) => {
-                    self.save(&staged)?;
-                    notes.push("the staged config was applied".into());
-                }
-                Err(p) => notes.push(format!("the staged config is invalid and was dropped: {p}")),
+        let path = self.path();
+        match fs::metadata(&path) {
+            Ok(m) if m.len() > MAX_RECORD_BYTES => {
+                return Err(StoreError::Damaged {
+                    path,
+                    reason: format!("{} bytes, more than a record holds", m.len()),
+                })
             }
-            self.remove(STAGED)?;
+            _ => {}
         }
-        for name in [CURRENT, LKG] {
-            if let Some(text) = self.read(name)? {
-                match MachineConfig::parse(&text) {
-                    Ok(cfg) => {
-                        if name == LKG {
-                            self.write(CURRENT, &text)?;
-                            notes.push(
-                                "config.yaml was unreadable; booted the last-known-good config"
-                                    .into(),
-                            );
-                        }
-                        return Ok(BootConfig {
-                            config: Some(cfg),
-                            notes,
-                        });
-                    }
-                    Err(p) => notes.push(format!("{name} does not validate: {p}")),
-                }
-            }
+        if let Some(text) = self.read_opt(RECORD)? {
+            let record = serde_json::from_str(&text).map_err(|e| StoreError::Damaged {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            self.remove_legacy();
+            return Ok(record);
         }
-        Ok(BootConfig {
-            config: None,
-            notes,
-        })
+        let legacy = Record {
+            generation: 0,
+            current: self.read_opt(LEGACY_CURRENT)?,
+            previous: self.read_opt(LEGACY_LKG)?,
+            staged: self.read_opt(LEGACY_STAGED)?,
+            trial: self
+                .read_opt(LEGACY_TRY)?
+                .and_then(|t| serde_json::from_str(&t).ok()),
+            resetting: false,
+        };
+        if legacy != Record::default() {
+            // The record first, then the old files: a crash in between
+            // leaves the record, which wins at the next load.
+            self.commit(&legacy)?;
+            self.remove_legacy();
+        }
+        Ok(legacy)
+    }
+
+    fn remove_legacy(&self) {
+        for f in [LEGACY_TRY, LEGACY_STAGED, LEGACY_CURRENT, LEGACY_LKG] {
+            let _ = fs::remove_file(self.dir.join(f));
+        }
+    }
+
+    /// Makes `record` the node's state in one atomic step.
+    pub fn commit(&self, record: &Record) -> Result<(), StoreError> {
+        let hook = |p: WritePoint| match &self.fault {
+            Some(h) => h(p).map_err(|e| self.io_err(RECORD, e)),
+            None => Ok(()),
+        };
+        let json = serde_json::to_vec_pretty(record).map_err(|e| StoreError::Damaged {
+            path: self.path(),
+            reason: e.to_string(),
+        })?;
+        hook(WritePoint::Begin)?;
+        let staged =
+            StagedFile::write(&self.path(), &json, 0o600).map_err(|e| self.io_err(RECORD, e))?;
+        if let Err(e) = hook(WritePoint::Staged) {
+            // A crash here leaves the temp file; a later load removes it.
+            std::mem::forget(staged);
+            return Err(e);
+        }
+        staged
+            .commit_then(|| hook(WritePoint::Renamed).map_err(io::Error::other))
+            .map_err(|e| self.io_err(RECORD, e))
     }
 
     /// Removes temp files of writes interrupted by a crash: they were never
@@ -164,125 +235,84 @@ impl ConfigStore {
             }
         }
     }
-
-    /// Makes `text` the current config, keeping the previous one as
-    /// last-known-good.
-    pub fn save(&self, text: &str) -> Result<(), StoreError> {
-        if let Some(prev) = self.read(CURRENT)? {
-            if prev == text {
-                return Ok(());
-            }
-            self.write(LKG, &prev)?;
-        }
-        self.write(CURRENT, text)
-    }
-
-    pub fn current(&self) -> Result<Option<String>, StoreError> {
-        self.read(CURRENT)
-    }
-
-    pub fn stage(&self, text: &str) -> Result<(), StoreError> {
-        self.write(STAGED, text)
-    }
-
-    /// Forgets a staged config: a newer live apply supersedes it, and it
-    /// must not come back at the next boot.
-    pub fn drop_staged(&self) -> Result<(), StoreError> {
-        self.remove(STAGED)
-    }
-
-    pub fn staged_pending(&self) -> bool {
-        self.path(STAGED).exists()
-    }
-
-    pub fn begin_try(&self, state: &TryState) -> Result<(), StoreError> {
-        let json = serde_json::to_string(state).unwrap_or_default();
-        self.write(TRY, &json)
-    }
-
-    pub fn pending_try(&self) -> Result<Option<TryState>, StoreError> {
-        Ok(self
-            .read(TRY)?
-            .and_then(|t| serde_json::from_str::<TryState>(&t).ok()))
-    }
-
-    /// Keeps the tried config.
-    pub fn confirm_try(&self) -> Result<(), StoreError> {
-        self.remove(TRY)
-    }
-
-    /// Restores the last-known-good config as current and ends any try.
-    pub fn rollback(&self) -> Result<(), StoreError> {
-        let prev = self.read(LKG)?.ok_or(StoreError::NoPrevious)?;
-        self.write(CURRENT, &prev)?;
-        self.remove(TRY)
-    }
-
-    /// Forgets every config (reset).
-    pub fn wipe(&self) -> Result<(), StoreError> {
-        for f in [TRY, STAGED, CURRENT, LKG] {
-            self.remove(f)?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use machine_api::config::generate::{machine_config, ClusterInput};
-    use machine_api::config::Role;
-    use machine_api::pki::bundle::SecretsBundle;
 
-    fn cfg_text(hostname: &str) -> String {
-        let b = SecretsBundle::generate().unwrap();
-        let input = ClusterInput {
-            name: "t".parse().unwrap(),
-            endpoint: "https://127.0.0.1:6443".parse().unwrap(),
-            kubernetes_version: "1.34.2".parse().unwrap(),
-            install_disk: None,
-        };
-        let mut c = machine_config(&b, &input, &[Role::Etcd]);
-        c.machine.hostname = Some(hostname.parse().unwrap());
-        c.to_yaml()
+    fn rec(current: &str) -> Record {
+        Record {
+            generation: 1,
+            current: Some(current.into()),
+            ..Default::default()
+        }
     }
 
     #[test]
-    fn save_keeps_last_known_good_and_rollback_restores_it() {
+    fn commit_and_load_round_trip() {
         let d = tempfile::tempdir().unwrap();
         let s = ConfigStore::new(d.path().to_owned());
-        let (a, b) = (cfg_text("a"), cfg_text("b"));
-        s.save(&a).unwrap();
-        s.save(&b).unwrap();
-        s.begin_try(&TryState::new(Duration::from_secs(60), "b".into()))
-            .unwrap();
-        assert!(s.pending_try().unwrap().is_some());
-        s.rollback().unwrap();
-        assert_eq!(s.current().unwrap().unwrap(), a);
-        assert!(s.pending_try().unwrap().is_none());
+        assert_eq!(s.load().unwrap(), Record::default());
+        s.commit(&rec("a")).unwrap();
+        assert_eq!(s.load().unwrap(), rec("a"));
     }
 
     #[test]
-    fn boot_promotes_staged() {
-        let d = tempfile::tempdir().unwrap();
-        let s = ConfigStore::new(d.path().to_owned());
-        let (a, c) = (cfg_text("a"), cfg_text("c"));
-        s.save(&a).unwrap();
-        s.stage(&c).unwrap();
-        let boot = s.load_at_boot().unwrap();
-        assert_eq!(boot.config.unwrap().machine.hostname.unwrap().0, "c");
-        assert!(!s.staged_pending());
+    fn an_interrupted_write_leaves_the_old_record_or_the_new() {
+        for point in [WritePoint::Begin, WritePoint::Staged, WritePoint::Renamed] {
+            let d = tempfile::tempdir().unwrap();
+            let clean = ConfigStore::new(d.path().to_owned());
+            clean.commit(&rec("old")).unwrap();
+            let crashing = clean.clone().with_fault_hook(Arc::new(move |p| {
+                if p == point {
+                    Err(io::Error::other("injected crash"))
+                } else {
+                    Ok(())
+                }
+            }));
+            assert!(crashing.commit(&rec("new")).is_err());
+            let after = clean.load().unwrap();
+            let expected = if point == WritePoint::Renamed {
+                "new"
+            } else {
+                "old"
+            };
+            assert_eq!(after.current.as_deref(), Some(expected), "{point:?}");
+            let leftovers: Vec<_> = fs::read_dir(d.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert_eq!(leftovers.len(), 1, "{point:?}: {leftovers:?}");
+        }
     }
 
     #[test]
-    fn a_corrupt_current_config_falls_back_to_last_known_good() {
+    fn the_legacy_layout_is_migrated_once() {
         let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(LEGACY_CURRENT), "b").unwrap();
+        fs::write(d.path().join(LEGACY_LKG), "a").unwrap();
+        fs::write(
+            d.path().join(LEGACY_TRY),
+            r#"{"deadline_unix_ms": 5, "boot_id": "x"}"#,
+        )
+        .unwrap();
         let s = ConfigStore::new(d.path().to_owned());
-        s.save(&cfg_text("a")).unwrap();
-        s.save(&cfg_text("b")).unwrap();
-        std::fs::write(d.path().join(CURRENT), "machine: [").unwrap();
-        let boot = s.load_at_boot().unwrap();
-        assert_eq!(boot.config.unwrap().machine.hostname.unwrap().0, "a");
-        assert!(boot.notes.iter().any(|n| n.contains("last-known-good")));
+        let r = s.load().unwrap();
+        assert_eq!(r.current.as_deref(), Some("b"));
+        assert_eq!(r.previous.as_deref(), Some("a"));
+        assert_eq!(r.trial.unwrap().deadline_unix_ms, 5);
+        assert!(!d.path().join(LEGACY_CURRENT).exists());
+        assert!(d.path().join(RECORD).exists());
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_not_an_empty_node() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join(RECORD), "{\"generation\": ").unwrap();
+        let s = ConfigStore::new(d.path().to_owned());
+        let e = s.load().unwrap_err().to_string();
+        assert!(e.contains("damaged"), "{e}");
     }
 }

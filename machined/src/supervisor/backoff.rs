@@ -1,7 +1,11 @@
 //! Restart delays: quick first retries, then capped so a crash-looping
 //! service costs little but recovers within half a minute once it can.
+//! The delays come from the workspace's one backoff
+//! ([`machine_api::retry::Backoff`]).
 
 use std::time::Duration;
+
+pub(crate) use machine_api::retry::Backoff;
 
 /// First restart delay.
 const INITIAL: Duration = Duration::from_secs(1);
@@ -11,26 +15,9 @@ const CAP: Duration = Duration::from_secs(30);
 /// as a fresh one (delay back to [`INITIAL`]).
 pub(crate) const RESET_AFTER_HEALTHY: Duration = Duration::from_secs(60);
 
-/// Exponential backoff: 1 s, 2 s, 4 s, … capped at 30 s.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    /// The delay before the next restart; each call doubles the following
-    /// one.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        // 2^5 s already exceeds the cap; clamping the exponent keeps the
-        // shift from overflowing however long the service keeps failing.
-        let exp = self.failures.min(5);
-        self.failures = self.failures.saturating_add(1);
-        INITIAL.saturating_mul(1 << exp).min(CAP)
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.failures = 0;
-    }
+/// A service's restart delays: 1 s, 2 s, 4 s, … capped at 30 s.
+pub(crate) fn restarts() -> Backoff {
+    Backoff::new(INITIAL, CAP)
 }
 
 #[cfg(test)]
@@ -39,7 +26,7 @@ mod tests {
 
     #[test]
     fn doubles_then_caps_and_resets() {
-        let mut b = Backoff::default();
+        let mut b = restarts();
         let secs: Vec<u64> = (0..8).map(|_| b.next_delay().as_secs()).collect();
         assert_eq!(secs, [1, 2, 4, 8, 16, 30, 30, 30]);
         for _ in 0..100 {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::backoff::{Backoff, RESET_AFTER_HEALTHY};
+use super::backoff::{self, Backoff, RESET_AFTER_HEALTHY};
 use super::error::SupervisorError;
 use super::health::{self, Prober};
 use super::log_tail::log_path;
@@ -147,7 +147,7 @@ impl Runner {
             spec_generation: 0,
             restarts,
             operator_stopped,
-            backoff: Backoff::default(),
+            backoff: backoff::restarts(),
             commands,
         };
         (runner, phase)
@@ -179,7 +179,7 @@ impl Runner {
             spec_generation: 0,
             restarts: state.restarts,
             operator_stopped: false,
-            backoff: Backoff::default(),
+            backoff: backoff::restarts(),
             commands,
         };
         (runner, Phase::Running(Box::new(process)))

@@ -1,6 +1,6 @@
 //! Launching a service process so that it outlives machined: its own
 //! session, its own cgroup, output to a file (not a pipe to us), nothing
-//! inherited from machined's environment.
+//! inherited from machined's environment, nor its open-files limit.
 
 use std::ffi::CString;
 use std::fs::OpenOptions;
@@ -49,6 +49,16 @@ pub(crate) fn spawn(
                 .map_err(|e| SupervisorError::io(format!("cgroup {}", cg.path().display()), e))
         })
         .transpose()?;
+    // The service's own open-files limit, soft = hard, as a systemd
+    // `LimitNOFILE=N` sets it: what machined raised for itself must not
+    // leak into a service by accident.
+    let nofile_limit = crate::limits::grantable_nofile(
+        spec.nofile.unwrap_or(crate::limits::DEFAULT_SERVICE_NOFILE),
+    );
+    let nofile = libc::rlimit {
+        rlim_cur: nofile_limit,
+        rlim_max: nofile_limit,
+    };
 
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -63,9 +73,9 @@ pub(crate) fn spawn(
         cmd.current_dir(cwd);
     }
     // SAFETY: the closure runs in the forked child before exec. It only
-    // calls async-signal-safe functions (setsid, getpid, open, write,
-    // close), allocates nothing, and reads `cgroup_procs`, which was built
-    // before fork and is only borrowed.
+    // calls async-signal-safe functions (setsid, setrlimit, getpid, open,
+    // write, close), allocates nothing, and reads `cgroup_procs` and
+    // `nofile`, which were built before fork.
     unsafe {
         cmd.pre_exec(move || {
             // Own session and process group: not killed with machined's
@@ -73,6 +83,7 @@ pub(crate) fn spawn(
             if libc::setsid() == -1 {
                 return Err(io::Error::last_os_error());
             }
+            set_nofile(&nofile)?;
             if let Some(procs) = &cgroup_procs {
                 join_cgroup(procs)?;
             }
@@ -81,6 +92,18 @@ pub(crate) fn spawn(
     }
     cmd.spawn()
         .map_err(|e| SupervisorError::io(format!("spawn {program}"), e))
+}
+
+/// Sets the calling process's RLIMIT_NOFILE. Async-signal-safe: for use
+/// between fork and exec (setrlimit is a bare system call; POSIX does not
+/// list it, but glibc's is a prlimit64 syscall wrapper that takes no lock
+/// and allocates nothing).
+fn set_nofile(limit: &libc::rlimit) -> io::Result<()> {
+    // SAFETY: `limit` points to a valid rlimit that setrlimit only reads.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Moves the calling process into the cgroup whose `cgroup.procs` is
@@ -129,6 +152,49 @@ fn format_pid(pid: i32, buf: &mut [u8; 20]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_child_gets_its_specs_open_files_limit_not_ours() {
+        use crate::supervisor::AlwaysHealthy;
+        use std::sync::Arc;
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = ServiceSpec {
+            name: "limits".into(),
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo $(ulimit -Sn) $(ulimit -Hn)".into(),
+            ],
+            env: vec![],
+            cwd: None,
+            depends_on: vec![],
+            health: Arc::new(AlwaysHealthy),
+            stop_timeout: Duration::from_secs(1),
+            pre_start: None,
+            cpu_weight: None,
+            nofile: Some(777),
+        };
+        let run = |spec: &ServiceSpec, name: &str| {
+            let log = dir.path().join(name);
+            let mut child = spawn(spec, &log, None).unwrap();
+            async move {
+                assert!(child.wait().await.unwrap().success());
+                std::fs::read_to_string(log).unwrap()
+            }
+        };
+        assert_eq!(run(&spec, "a.log").await.trim(), "777 777");
+        spec.nofile = None;
+        // Another test may raise this process's hard limit meanwhile.
+        let grantable = || crate::limits::grantable_nofile(crate::limits::DEFAULT_SERVICE_NOFILE);
+        let low = grantable();
+        let got = run(&spec, "b.log").await;
+        let (soft, hard) = got.trim().split_once(' ').unwrap();
+        assert_eq!(soft, hard);
+        let got: u64 = soft.parse().unwrap();
+        assert!((low..=grantable()).contains(&got), "{got}");
+    }
 
     #[test]
     fn formats_pids_without_allocating() {

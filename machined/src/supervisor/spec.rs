@@ -58,6 +58,11 @@ pub struct ServiceSpec {
     /// cgroup v2 `cpu.weight` (1-10000; the kernel's default is 100): the
     /// service's share of CPU when services compete for it.
     pub cpu_weight: Option<u32>,
+    /// RLIMIT_NOFILE (soft = hard) set in the child before exec; None means
+    /// [`DEFAULT_SERVICE_NOFILE`](crate::limits::DEFAULT_SERVICE_NOFILE).
+    /// Never machined's own limit by inheritance. Capped at machined's
+    /// hard limit (which it raises at startup where allowed).
+    pub nofile: Option<u64>,
 }
 
 impl fmt::Debug for ServiceSpec {
@@ -70,13 +75,15 @@ impl fmt::Debug for ServiceSpec {
             .field("depends_on", &self.depends_on)
             .field("stop_timeout", &self.stop_timeout)
             .field("pre_start", &self.pre_start.is_some())
+            .field("cpu_weight", &self.cpu_weight)
+            .field("nofile", &self.nofile)
             .finish_non_exhaustive()
     }
 }
 
 impl ServiceSpec {
-    /// Hash of what the process is launched with (argv, env, cwd), hex
-    /// encoded.
+    /// Hash of what the process is launched with (argv, env, cwd, an
+    /// explicit open-files limit), hex encoded.
     ///
     /// Two specs with the same hash would start an identical process, so a
     /// running (or adopted) process is kept as is. Dependencies, health
@@ -102,6 +109,11 @@ impl ServiceSpec {
         }
         if let Some(cwd) = &self.cwd {
             put(b'c', cwd.as_os_str().as_encoded_bytes());
+        }
+        // Only when set: specs without one keep the hash they had before
+        // the field existed, so an upgrade restarts nothing for it.
+        if let Some(n) = self.nofile {
+            put(b'n', &n.to_le_bytes());
         }
         hex::encode(h.finalize())
     }
@@ -166,6 +178,7 @@ mod tests {
             stop_timeout: Duration::from_secs(1),
             pre_start: None,
             cpu_weight: None,
+            nofile: None,
         }
     }
 
@@ -194,6 +207,9 @@ mod tests {
         let mut cwd = base.clone();
         cwd.cwd = Some("/tmp".into());
         assert_ne!(base.spec_hash(), cwd.spec_hash());
+        let mut nofile = base.clone();
+        nofile.nofile = Some(1024);
+        assert_ne!(base.spec_hash(), nofile.spec_hash());
         // An env value must not be confusable with an argv entry.
         let x = spec(&["/bin/x", "k"], &[]);
         let y = spec(&["/bin/x"], &[("k", "")]);

@@ -1,13 +1,16 @@
 //! `osctl apply-config`: send a machine config to nodes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Result};
 use clap::{Args, ValueEnum};
 use machine_api::config::MachineConfig;
 use machine_api::proto::machine_service_client::MachineServiceClient;
-use machine_api::proto::{ApplyConfigurationRequest, ApplyMode};
+use machine_api::proto::{
+    ApplyConfigurationRequest, ApplyConfigurationResponse, ApplyMode, APPLY_OUTCOME_INVALID,
+};
+use tonic::transport::Channel;
 
 use super::session::{print, rpc, Session};
 use crate::client::ConnectArgs;
@@ -50,22 +53,35 @@ pub struct ApplyConfig {
     pub dry_run: bool,
 }
 
+/// Reads a machine config and checks it locally first: the node would
+/// refuse it anyway, and this names the file and line.
+pub fn read_checked(file: &Path) -> Result<String> {
+    let text = crate::files::read(file)?;
+    MachineConfig::parse(&text).map_err(|p| {
+        let lines: Vec<String> =
+            p.0.iter()
+                .map(|x| format!("{}: {x}", file.display()))
+                .collect();
+        anyhow!(
+            "{} is invalid; nothing was sent:\n{}",
+            file.display(),
+            lines.join("\n")
+        )
+    })?;
+    Ok(text)
+}
+
+/// Sends a config to one node.
+pub async fn apply(
+    ch: Channel,
+    req: ApplyConfigurationRequest,
+) -> Result<ApplyConfigurationResponse> {
+    rpc(MachineServiceClient::new(ch).apply_configuration(req).await)
+}
+
 impl ApplyConfig {
     pub async fn run(self) -> Result<ExitCode> {
-        let text = crate::files::read(&self.file)?;
-        // Check locally first: the node would refuse it anyway, and this
-        // names the file and line.
-        MachineConfig::parse(&text).map_err(|p| {
-            let lines: Vec<String> =
-                p.0.iter()
-                    .map(|x| format!("{}: {x}", self.file.display()))
-                    .collect();
-            anyhow!(
-                "{} is invalid; nothing was sent:\n{}",
-                self.file.display(),
-                lines.join("\n")
-            )
-        })?;
+        let text = read_checked(&self.file)?;
         let s = if self.insecure {
             Session::insecure(&self.connect, self.cert_fingerprint.clone())?
         } else {
@@ -84,26 +100,89 @@ impl ApplyConfig {
             maintenance_token: self.token.as_deref().unwrap_or_default().trim().to_owned(),
             try_timeout_seconds: self.try_timeout,
         };
-        let res = s
-            .call(|ch| {
-                let req = req.clone();
-                async move { rpc(MachineServiceClient::new(ch).apply_configuration(req).await) }
-            })
-            .await;
-        Ok(print(s.output, &res, &[], |r| {
-            let mut out = Vec::new();
-            if self.dry_run && !r.diff.is_empty() {
-                out.push(vec![r.diff.trim_end().to_owned()]);
-            }
-            let mut line = r.outcome.clone();
-            if !r.message.is_empty() {
-                line = format!("{line}: {}", r.message);
-            }
-            if r.reboot_required && r.outcome != "rebooting" {
-                line.push_str(" (reboot required)");
-            }
-            out.push(vec![line]);
-            out
-        }))
+        let res = s.call(|ch| apply(ch, req.clone())).await;
+        let code = print(s.output, &res, &[], |r| {
+            reply_rows(&self.file, self.dry_run, r)
+        });
+        Ok(if any_invalid(&res) {
+            ExitCode::FAILURE
+        } else {
+            code
+        })
+    }
+}
+
+/// What one node's reply shows: the diff of a dry run, every problem the
+/// node found (`FILE: line L: path: message`), then the outcome.
+fn reply_rows(file: &Path, dry_run: bool, r: &ApplyConfigurationResponse) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    if dry_run && !r.diff.is_empty() {
+        out.push(vec![r.diff.trim_end().to_owned()]);
+    }
+    for p in &r.problems {
+        out.push(vec![format!("{}: {p}", file.display())]);
+    }
+    let mut line = r.outcome.clone();
+    if !r.message.is_empty() {
+        line = format!("{line}: {}", r.message);
+    } else if !r.problems.is_empty() {
+        let n = r.problems.len();
+        line = format!("{line}: {n} problem{}", if n == 1 { "" } else { "s" });
+    }
+    if r.reboot_required && r.outcome != "rebooting" {
+        line.push_str(" (reboot required)");
+    }
+    out.push(vec![line]);
+    out
+}
+
+/// True when a node found the config invalid (a dry run answers with the
+/// problems instead of an error): the command fails.
+fn any_invalid(res: &[(String, Result<ApplyConfigurationResponse>)]) -> bool {
+    res.iter()
+        .any(|(_, r)| r.as_ref().is_ok_and(|r| r.outcome == APPLY_OUTCOME_INVALID))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_dry_run_lists_every_problem_and_fails() {
+        let invalid = ApplyConfigurationResponse {
+            outcome: APPLY_OUTCOME_INVALID.into(),
+            problems: vec![
+                "line 6: machine.roles[1]: unknown variant `wrker`".into(),
+                "line 9: machine.bogus: unknown field `bogus`".into(),
+            ],
+            ..Default::default()
+        };
+        let rows = reply_rows(Path::new("cp.yaml"), true, &invalid);
+        let lines: Vec<String> = rows.into_iter().map(|r| r.join(" ")).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "cp.yaml: line 6: machine.roles[1]: unknown variant `wrker`",
+                "cp.yaml: line 9: machine.bogus: unknown field `bogus`",
+                "invalid: 2 problems",
+            ]
+        );
+        let ok = ApplyConfigurationResponse {
+            outcome: "dry-run".into(),
+            diff: "+ a\n".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            reply_rows(Path::new("cp.yaml"), true, &ok),
+            vec![vec!["+ a".to_owned()], vec!["dry-run".to_owned()]]
+        );
+        assert!(any_invalid(&[
+            ("n1".into(), Ok(ok.clone())),
+            ("n2".into(), Ok(invalid))
+        ]));
+        assert!(!any_invalid(&[
+            ("n1".into(), Ok(ok)),
+            ("n2".into(), Err(anyhow!("down")))
+        ]));
     }
 }

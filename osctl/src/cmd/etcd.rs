@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use machine_api::proto::etcd_service_client::EtcdServiceClient;
-use machine_api::proto::{Empty, EtcdRemoveMemberRequest};
+use machine_api::proto::{Empty, EtcdMembersResponse, EtcdRemoveMemberRequest};
+use tonic::transport::Channel;
 
 use super::session::{human_bytes, print, rpc, Session};
 use crate::client::ConnectArgs;
@@ -28,16 +29,17 @@ pub enum EtcdCommand {
     RemoveMember { member: String },
 }
 
+/// The etcd members as one node's member sees them.
+pub async fn members(ch: Channel) -> Result<EtcdMembersResponse> {
+    rpc(EtcdServiceClient::new(ch).members(Empty {}).await)
+}
+
 impl Etcd {
     pub async fn run(self) -> Result<ExitCode> {
         let s = Session::mutual(&self.connect)?;
         match self.command {
             EtcdCommand::Members => {
-                let res = s
-                    .call(
-                        |ch| async move { rpc(EtcdServiceClient::new(ch).members(Empty {}).await) },
-                    )
-                    .await;
+                let res = s.call(members).await;
                 Ok(print(
                     s.output,
                     &res,

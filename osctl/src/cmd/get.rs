@@ -43,6 +43,8 @@ impl Get {
                     .get_configuration(Empty {})
                     .await)?;
                 let text = String::from_utf8_lossy(&r.data).into_owned();
+                machine_api::config::check_limits(&text)
+                    .map_err(|p| anyhow::anyhow!("the node's config: {p}"))?;
                 Ok(ConfigView {
                     config: serde_norway::from_str(&text)?,
                     text,

@@ -1,12 +1,14 @@
 //! `osctl health [--wait SECONDS]`: is every service healthy?
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
 use machine_api::proto::machine_service_client::MachineServiceClient;
-use machine_api::proto::Empty;
+use machine_api::proto::{Empty, HealthResponse};
+use machine_api::retry::Backoff;
+use tonic::transport::Channel;
 
 use super::services::{row, HEADER};
 use super::session::{print, rpc, Session};
@@ -22,61 +24,90 @@ pub struct Health {
     pub wait: Option<u64>,
 }
 
+/// One node's health.
+pub async fn health(ch: Channel) -> Result<HealthResponse> {
+    rpc(MachineServiceClient::new(ch).health(Empty {}).await)
+}
+
+/// Why a node is not healthy (None when it is): maintenance mode, or each
+/// service that is not healthy with its state and message.
+pub fn unhealthy(h: &HealthResponse) -> Option<String> {
+    if h.healthy {
+        return None;
+    }
+    if h.maintenance {
+        return Some("maintenance mode (no config)".to_owned());
+    }
+    let bad: Vec<String> = h
+        .services
+        .iter()
+        .filter(|x| !x.healthy)
+        .map(|x| {
+            format!(
+                "{} {}{}",
+                x.name,
+                x.state,
+                if x.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", x.message)
+                }
+            )
+        })
+        .collect();
+    Some(bad.join("; "))
+}
+
 impl Health {
     pub async fn run(self) -> Result<ExitCode> {
         let s = Session::mutual(&self.connect)?;
-        let deadline = self.wait.map(|w| Instant::now() + Duration::from_secs(w));
-        loop {
-            let res = s
-                .call(|ch| async move {
-                    let h = rpc(MachineServiceClient::new(ch).health(Empty {}).await)?;
-                    if h.healthy {
-                        Ok(h)
-                    } else {
-                        let bad: Vec<String> = h
-                            .services
-                            .iter()
-                            .filter(|x| !x.healthy)
-                            .map(|x| {
-                                format!(
-                                    "{} {}{}",
-                                    x.name,
-                                    x.state,
-                                    if x.message.is_empty() {
-                                        String::new()
-                                    } else {
-                                        format!(" ({})", x.message)
-                                    }
-                                )
-                            })
-                            .collect();
-                        Err(anyhow::anyhow!(
-                            "unhealthy: {}",
-                            if h.maintenance {
-                                "maintenance mode (no config)".to_owned()
-                            } else {
-                                bad.join("; ")
+        // With --wait, ask again every 2 s until every node is healthy or
+        // the time is up; without it, once.
+        let mut backoff = match self.wait {
+            Some(w) => Backoff::constant(Duration::from_secs(2)).timeout(Duration::from_secs(w)),
+            None => Backoff::constant(Duration::from_secs(2)).max_attempts(1),
+        };
+        let session = &s;
+        let res = backoff
+            .retry(
+                move || async move {
+                    let res = session
+                        .call(|ch| async move {
+                            let h = health(ch).await?;
+                            match unhealthy(&h) {
+                                None => Ok(h),
+                                Some(why) => Err(anyhow::anyhow!("unhealthy: {why}")),
                             }
-                        ))
+                        })
+                        .await;
+                    if res.iter().all(|(_, r)| r.is_ok()) {
+                        Ok(res)
+                    } else {
+                        Err(res)
                     }
-                })
-                .await;
-            let all_ok = res.iter().all(|(_, r)| r.is_ok());
-            match deadline {
-                Some(d) if !all_ok && Instant::now() < d => {
+                },
+                |res, _| {
                     let waiting: Vec<String> = res
                         .iter()
                         .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{n}: {e:#}")))
                         .collect();
                     eprintln!("waiting: {}", waiting.join(" | "));
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-                _ => {
-                    return Ok(print(s.output, &res, HEADER, |h| {
-                        h.services.iter().map(row).collect()
-                    }))
+                    true
+                },
+            )
+            .await
+            .unwrap_or_else(|res| res);
+        // What the node wants the operator to know (a rollback, a role
+        // that cannot start): beside the table, never in place of it.
+        for (node, r) in &res {
+            if let Ok(h) = r {
+                if !h.last_event.is_empty() {
+                    eprintln!("{node}: last event: {}", h.last_event);
                 }
             }
         }
+        Ok(print(s.output, &res, HEADER, |h| {
+            h.services.iter().map(row).collect()
+        }))
     }
 }

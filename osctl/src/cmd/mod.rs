@@ -10,6 +10,7 @@ pub mod etcd;
 pub mod gen;
 pub mod get;
 pub mod health;
+pub mod kubeconfig;
 pub mod logs;
 pub mod power;
 pub mod services;

@@ -33,21 +33,7 @@ impl Session {
     /// Maintenance mode: no client certificate; the node's certificate is
     /// pinned when a fingerprint is given.
     pub fn insecure(args: &ConnectArgs, fingerprint: Option<String>) -> Result<Self> {
-        // Copied from a console: tolerate whitespace, CR and `aa:bb:` form.
-        let fingerprint = fingerprint.map(|f| {
-            f.chars()
-                .filter(|c| c.is_ascii_hexdigit())
-                .collect::<String>()
-                .to_lowercase()
-        });
-        if let Some(f) = &fingerprint {
-            if f.len() != 64 {
-                anyhow::bail!(
-                    "--cert-fingerprint: expected 64 hex digits (SHA-256), got {}",
-                    f.len()
-                );
-            }
-        }
+        let fingerprint = fingerprint.as_deref().map(fingerprint_arg).transpose()?;
         let ctx = args.context().ok();
         let targets = args.targets(ctx.as_ref())?;
         if fingerprint.is_none() {
@@ -86,10 +72,48 @@ impl Session {
     }
 }
 
+/// A certificate fingerprint as `--cert-fingerprint` takes it, copied from
+/// a console: whitespace, CR and the `aa:bb:` form are tolerated.
+pub fn fingerprint_arg(f: &str) -> Result<String> {
+    let f = f
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect::<String>()
+        .to_lowercase();
+    if f.len() != 64 {
+        anyhow::bail!(
+            "--cert-fingerprint: expected 64 hex digits (SHA-256), got {}",
+            f.len()
+        );
+    }
+    Ok(f)
+}
+
+/// A node's gRPC status, shown as one line an operator can act on
+/// ([`client::status_line`]); code that waits on nodes downcasts to it to
+/// read the code.
+#[derive(Debug)]
+pub struct RpcError(pub tonic::Status);
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&client::status_line(&self.0))
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+impl RpcError {
+    /// The status code of a call's error, if a node answered with one.
+    pub fn code_of(e: &anyhow::Error) -> Option<tonic::Code> {
+        e.downcast_ref::<RpcError>().map(|r| r.0.code())
+    }
+}
+
 /// Turns a gRPC status into an error an operator can act on.
 pub fn rpc<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
     r.map(tonic::Response::into_inner)
-        .map_err(|s| anyhow::anyhow!(client::status_line(&s)))
+        .map_err(|s| anyhow::Error::new(RpcError(s)))
 }
 
 #[derive(Serialize)]

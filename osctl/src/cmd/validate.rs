@@ -18,8 +18,11 @@ pub struct Validate {
     pub files: Vec<PathBuf>,
 }
 
-/// Reads the `kind` field without validating anything else.
+/// Reads the `kind` field without validating anything else. A document
+/// over the size or nesting limits has none: the machine config reader
+/// reports the limit.
 fn kind_of(text: &str) -> Option<String> {
+    parse::check_limits(text).ok()?;
     let v: serde_norway::Value = serde_norway::from_str(text).ok()?;
     v.get("kind")?.as_str().map(str::to_owned)
 }

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 use machine_api::proto::machine_service_client::MachineServiceClient;
-use machine_api::proto::Empty;
+use machine_api::proto::{Empty, VersionResponse};
+use tonic::transport::Channel;
 
 use super::session::{print, rpc, Session};
 use crate::client::ConnectArgs;
@@ -25,6 +26,11 @@ pub struct Version {
     pub client: bool,
 }
 
+/// A node's version, name, mode and roles.
+pub async fn version(ch: Channel) -> Result<VersionResponse> {
+    rpc(MachineServiceClient::new(ch).version(Empty {}).await)
+}
+
 impl Version {
     pub async fn run(self) -> Result<ExitCode> {
         if self.connect.output == crate::client::Output::Table || self.client {
@@ -38,9 +44,7 @@ impl Version {
         } else {
             Session::mutual(&self.connect)?
         };
-        let res = s
-            .call(|ch| async move { rpc(MachineServiceClient::new(ch).version(Empty {}).await) })
-            .await;
+        let res = s.call(version).await;
         Ok(print(
             s.output,
             &res,

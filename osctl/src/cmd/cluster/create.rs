@@ -1,4 +1,5 @@
-//! `osctl cluster create`: image, VMs, configs, apply, bootstrap, wait.
+//! `osctl cluster create`: image, VMs, configs; then [`super::drive`]
+//! applies, bootstraps and waits, in this process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -8,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use machine_api::config::generate::{machine_config, ClusterInput, DEFAULT_KUBERNETES_VERSION};
 use machine_api::config::{DnsName, Endpoint, Role};
+use machine_api::layout::{artifact, Slot};
 use machine_api::osconfig::{Context as OsContext, OsConfig};
 use machine_api::pki::bundle::{os_client_cert, OsRole, SecretsBundle};
 use sha2::{Digest, Sha256};
@@ -57,10 +59,10 @@ pub struct Create {
 }
 
 /// Progress lines with the time since `create` started.
-struct Progress(Instant);
+pub(super) struct Progress(pub(super) Instant);
 
 impl Progress {
-    fn step(&self, msg: impl AsRef<str>) {
+    pub(super) fn step(&self, msg: impl AsRef<str>) {
         eprintln!(
             "[{:>6.1}s] {}",
             self.0.elapsed().as_secs_f64(),
@@ -76,7 +78,7 @@ fn free_port() -> Result<u16> {
 }
 
 fn random_token() -> String {
-    use rand::Rng;
+    use rand::RngExt;
     let mut rng = rand::rng();
     (0..20)
         .map(|_| char::from(b"abcdefghijkmnpqrstuvwxyz23456789"[rng.random_range(0..32)]))
@@ -118,49 +120,6 @@ fn image_file(dir: &Path, suffix: &str) -> Result<PathBuf> {
     }
 }
 
-/// Runs osctl itself (the same binary) for one step; returns its stdout.
-fn osctl(args: &[&str]) -> Result<String> {
-    let exe = std::env::current_exe().context("finding osctl")?;
-    let out = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running osctl")?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let why = if err.trim().is_empty() {
-            String::from_utf8_lossy(&out.stdout)
-        } else {
-            err
-        };
-        Err(anyhow!("{}", why.trim()))
-    }
-}
-
-/// Retries `f` every second until it succeeds or `limit` passes.
-fn retry<T>(limit: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_secs(1)),
-        }
-    }
-}
-
-/// A banner value (`fingerprint:`) from a console log; lines end in CR LF.
-fn banner_value(console: &Path, key: &str) -> Option<String> {
-    let text = std::fs::read_to_string(console).ok()?;
-    text.lines()
-        .rev()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .map(|v| v.trim().to_owned())
-}
-
 impl Create {
     pub fn run(self) -> Result<ExitCode> {
         let p = Progress(Instant::now());
@@ -194,15 +153,18 @@ impl Create {
         p.step(format!("cluster {} in {}", name.0, dir.display()));
 
         let image = self.image(&dir, &p)?;
-        let kernel = image_file(&image, "-vmlinuz")?;
+        let kernel = image_file(&image, artifact::KERNEL_SUFFIX)?;
         // The disk's small initramfs with `slot=A` (root from the disk's
         // squashfs) boots faster than the full initramfs; older images
         // have only the latter.
-        let (initrd, slot_arg) = match image_file(&image, "-boot-initrd.cpio.zst") {
-            Ok(small) => (small, " slot=A"),
-            Err(_) => (image_file(&image, "-initramfs.cpio.zst")?, ""),
+        let (initrd, slot_arg) = match image_file(&image, artifact::BOOT_INITRD_SUFFIX) {
+            Ok(small) => (small, format!(" {}", Slot::A.cmdline_arg())),
+            Err(_) => (
+                image_file(&image, artifact::INITRAMFS_SUFFIX)?,
+                String::new(),
+            ),
         };
-        let disk = image_file(&image, "-disk.raw")?;
+        let disk = image_file(&image, artifact::DISK_SUFFIX)?;
 
         if self.accel == Accel::Auto {
             p.step("checking whether KVM runs a guest (cached per host boot)");
@@ -367,7 +329,7 @@ impl Create {
         }
 
         let limit = Duration::from_secs(self.wait);
-        let result = self.configure(&p, &state, &token, &cluster_osconfig, limit);
+        let result = super::drive::configure(&p, &state, &token, &context, limit);
         if let Err(e) = result {
             eprintln!("\ncluster {} did not come up: {e:#}", name.0);
             eprintln!("the VMs are left running for inspection; consoles:");
@@ -457,114 +419,5 @@ impl Create {
             bail!("imager build {} failed (see above)", profile.display());
         }
         Ok(out)
-    }
-
-    fn configure(
-        &self,
-        p: &Progress,
-        st: &ClusterState,
-        token: &str,
-        osconfig: &Path,
-        limit: Duration,
-    ) -> Result<()> {
-        let osconfig = osconfig.to_string_lossy().into_owned();
-        let deadline = Instant::now() + limit;
-        let left = || deadline.saturating_duration_since(Instant::now());
-        for n in &st.nodes {
-            let fp = retry(left(), || {
-                if n.pid().is_none() {
-                    bail!("the VM of {} exited (see {})", n.name, n.console.display());
-                }
-                banner_value(&n.console, "fingerprint:").ok_or_else(|| {
-                    anyhow!(
-                        "{}: no maintenance banner on {} yet",
-                        n.name,
-                        n.console.display()
-                    )
-                })
-            })?;
-            p.step(format!(
-                "{} is in maintenance mode; applying its config",
-                n.name
-            ));
-            let ep = n.endpoint();
-            let cfg = n.config.to_string_lossy().into_owned();
-            retry(Duration::from_secs(60).min(left()), || {
-                osctl(&[
-                    "apply-config",
-                    "-n",
-                    &ep,
-                    "--insecure",
-                    "--cert-fingerprint",
-                    &fp,
-                    "--token",
-                    token,
-                    "-f",
-                    &cfg,
-                ])
-            })
-            .with_context(|| format!("applying {} to {}", cfg, n.name))?;
-        }
-        let first = st.nodes[0].endpoint();
-        retry(Duration::from_secs(120).min(left()), || {
-            osctl(&["version", "--osconfig", &osconfig, "-n", &first])
-        })
-        .context("the first node did not come back with its config")?;
-        p.step(format!("bootstrapping etcd on {}", st.nodes[0].name));
-        retry(Duration::from_secs(60).min(left()), || {
-            osctl(&["bootstrap", "--osconfig", &osconfig, "-n", &first])
-        })?;
-        let all: Vec<String> = st.nodes.iter().map(NodeState::endpoint).collect();
-        let all = all.join(",");
-        p.step("waiting for every node to be healthy");
-        let mut last = String::new();
-        retry(left(), || {
-            let r = osctl(&["health", "--osconfig", &osconfig, "-n", &all]);
-            if let Err(e) = &r {
-                let text = e.to_string();
-                let line = text
-                    .lines()
-                    .find(|l| l.starts_with("error:"))
-                    .unwrap_or(text.lines().next().unwrap_or(""))
-                    .to_owned();
-                if line != last {
-                    p.step(format!("  {line}"));
-                    last = line;
-                }
-            }
-            r
-        })?;
-        let want = st
-            .nodes
-            .iter()
-            .filter(|n| n.roles.iter().any(|r| r == "etcd"))
-            .count();
-        retry(Duration::from_secs(60).min(left()), || {
-            let members = osctl(&[
-                "etcd",
-                "members",
-                "--osconfig",
-                &osconfig,
-                "-n",
-                &first,
-                "-o",
-                "json",
-            ])?;
-            let v: serde_json::Value = serde_json::from_str(&members)?;
-            let n = v[0]["result"]["members"]
-                .as_array()
-                .map(Vec::len)
-                .unwrap_or(0);
-            if n == want {
-                Ok(())
-            } else {
-                bail!("etcd has {n} of {want} members")
-            }
-        })?;
-        p.step(format!(
-            "etcd has {want} member{}",
-            if want == 1 { "" } else { "s" }
-        ));
-        Ok(())
     }
 }

@@ -4,6 +4,7 @@
 //! `~/.osctl/clusters/NAME` (or `--state-dir`/`$OSCTL_CLUSTERS`).
 
 pub mod create;
+mod drive;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};

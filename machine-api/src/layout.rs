@@ -1,0 +1,283 @@
+//! The image layout contract: what imager writes onto a node's disk and
+//! what init and machined look for there. Defined once, so the three
+//! cannot drift apart; a test below pins every value, so changing one is a
+//! deliberate act (images already written keep the old layout).
+//!
+//! ```text
+//! GPT disk
+//!  1 "EFI"        ESP type     FAT, label "ESP": systemd-boot,
+//!                              loader/entries/slot-a+3.conf, A/vmlinuz, A/initrd
+//!  2 "A"          root x86-64  squashfs root of slot A (read-only)
+//!  3 "B"          root x86-64  slot B (empty until the first upgrade)
+//!  4 "STATE"      Linux data   ext4, made by machined on first boot
+//!  5 "EPHEMERAL"  Linux data   ext4, rest of the disk, grown with it
+//! ```
+//!
+//! Partitions are found by their GPT name (sysfs `PARTNAME`), never by
+//! device path or number. The boot entry of a slot puts `slot=A` (or `B`)
+//! on the kernel command line; init mounts that partition as the root.
+
+/// GPT name of the EFI system partition.
+pub const ESP_PARTITION: &str = "EFI";
+/// FAT volume label of the EFI system partition.
+pub const ESP_LABEL: &str = "ESP";
+/// GPT name of the STATE partition (machine config, mounted at
+/// `/system/state`).
+pub const STATE_PARTITION: &str = "STATE";
+/// GPT name of the EPHEMERAL partition (etcd, containerd, logs; mounted
+/// at `/var`; the last partition, grown to fill the disk).
+pub const EPHEMERAL_PARTITION: &str = "EPHEMERAL";
+
+/// GPT partition type GUIDs (as `u128`, the way `uuid::Uuid::from_u128`
+/// takes them).
+pub mod type_guid {
+    /// EFI system partition.
+    pub const ESP: u128 = 0xc12a7328_f81f_11d2_ba4b_00a0c93ec93b;
+    /// Root partition (x86-64), Discoverable Partitions Specification: the
+    /// slots.
+    pub const ROOT_X86_64: u128 = 0x4f68bce3_e8cd_4db1_96e7_fbcaf984b709;
+    /// Linux filesystem data: STATE and EPHEMERAL.
+    pub const LINUX_DATA: u128 = 0x0fc63daf_8483_4772_8e79_3d69d8477de4;
+}
+
+/// The kernel command-line key naming the slot to boot (`slot=A`).
+pub const SLOT_PARAM: &str = "slot";
+/// Filesystem of a slot's root.
+pub const ROOT_FSTYPE: &str = "squashfs";
+/// Filesystem of STATE and EPHEMERAL.
+pub const DATA_FSTYPE: &str = "ext4";
+
+/// The directory of boot entries on the ESP (Boot Loader Specification).
+pub const ENTRIES_DIR: &str = "loader/entries";
+/// systemd-boot's configuration on the ESP.
+pub const LOADER_CONF: &str = "loader/loader.conf";
+/// systemd-boot's `default` pattern: any slot's entry.
+pub const LOADER_DEFAULT: &str = "slot-*";
+/// The firmware's fallback boot loader path, where systemd-boot goes.
+pub const EFI_FALLBACK_LOADER: &str = "EFI/BOOT/BOOTX64.EFI";
+/// systemd-boot's own path on the ESP.
+pub const SYSTEMD_BOOT: &str = "EFI/systemd/systemd-bootx64.efi";
+/// Tries a freshly installed entry gets (`+3`): systemd-boot counts them
+/// down on each boot until machined marks the entry good.
+pub const BOOT_TRIES: u32 = 3;
+/// Kernel file name in a slot's ESP directory.
+pub const KERNEL_FILE: &str = "vmlinuz";
+/// Boot initramfs file name in a slot's ESP directory.
+pub const INITRD_FILE: &str = "initrd";
+
+/// An A/B root slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    /// Both slots, A first.
+    pub const ALL: [Slot; 2] = [Slot::A, Slot::B];
+
+    /// The slot a `slot=` value names (`A` or `B`, as written by imager).
+    pub fn parse(value: &str) -> Option<Slot> {
+        Slot::ALL.into_iter().find(|s| s.name() == value)
+    }
+
+    /// `A` or `B`: the slot's name in `slot=`, and its GPT partition name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Slot::A => "A",
+            Slot::B => "B",
+        }
+    }
+
+    /// The GPT partition holding the slot's root.
+    pub const fn partition(self) -> &'static str {
+        self.name()
+    }
+
+    /// The kernel argument that boots this slot: `slot=A`.
+    pub fn cmdline_arg(self) -> String {
+        format!("{SLOT_PARAM}={}", self.name())
+    }
+
+    /// The slot's directory on the ESP (kernel and initramfs).
+    pub const fn esp_dir(self) -> &'static str {
+        self.name()
+    }
+
+    /// The kernel's path on the ESP: `A/vmlinuz`.
+    pub fn kernel_path(self) -> String {
+        format!("{}/{KERNEL_FILE}", self.esp_dir())
+    }
+
+    /// The boot initramfs' path on the ESP: `A/initrd`.
+    pub fn initrd_path(self) -> String {
+        format!("{}/{INITRD_FILE}", self.esp_dir())
+    }
+
+    /// The name of the slot's boot entry without a counter or `.conf`:
+    /// `slot-a`.
+    pub const fn entry_stem(self) -> &'static str {
+        match self {
+            Slot::A => "slot-a",
+            Slot::B => "slot-b",
+        }
+    }
+
+    /// The entry file as installed, with `tries` left: `slot-a+3.conf`.
+    pub fn counted_entry(self, tries: u32) -> String {
+        format!("{}+{tries}.conf", self.entry_stem())
+    }
+
+    /// The entry file once marked good (no counter): `slot-a.conf`.
+    pub fn good_entry(self) -> String {
+        format!("{}.conf", self.entry_stem())
+    }
+
+    /// True when `file` (in [`ENTRIES_DIR`]) is this slot's entry with a
+    /// boot counter, as installed or counted down (`slot-a+2-1.conf`).
+    pub fn is_counted_entry(self, file: &str) -> bool {
+        file.starts_with(&format!("{}+", self.entry_stem()))
+            && entry_without_counter(file).is_some()
+    }
+}
+
+impl std::fmt::Display for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A boot entry's file name without its counter, as the Boot Loader
+/// Specification's boot counting names them: `slot-a+2-1.conf` (2 tries
+/// left, 1 done) -> `slot-a.conf`. None when `name` has no valid counter.
+pub fn entry_without_counter(name: &str) -> Option<String> {
+    let stem = name.strip_suffix(".conf")?;
+    let (base, counter) = stem.rsplit_once('+')?;
+    let valid = counter
+        .split('-')
+        .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    (valid && counter.split('-').count() <= 2).then(|| format!("{base}.conf"))
+}
+
+/// File names of `imager build`'s outputs for profile `name`, which
+/// `osctl cluster create` and the tests boot.
+pub mod artifact {
+    /// The kernel.
+    pub fn kernel(name: &str) -> String {
+        format!("{name}{KERNEL_SUFFIX}")
+    }
+    /// The full initramfs (the whole image; diskless and PXE boots).
+    pub fn initramfs(name: &str) -> String {
+        format!("{name}{INITRAMFS_SUFFIX}")
+    }
+    /// The disk's small initramfs (init and modules; root from a slot).
+    pub fn boot_initrd(name: &str) -> String {
+        format!("{name}{BOOT_INITRD_SUFFIX}")
+    }
+    /// The raw GPT disk.
+    pub fn disk(name: &str) -> String {
+        format!("{name}{DISK_SUFFIX}")
+    }
+    pub const KERNEL_SUFFIX: &str = "-vmlinuz";
+    pub const INITRAMFS_SUFFIX: &str = "-initramfs.cpio.zst";
+    pub const BOOT_INITRD_SUFFIX: &str = "-boot-initrd.cpio.zst";
+    pub const DISK_SUFFIX: &str = "-disk.raw";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Images in the field carry these values: a change here needs a
+    /// migration, not just an edit.
+    #[test]
+    fn the_contract_is_what_images_carry() {
+        assert_eq!(
+            [
+                ESP_PARTITION,
+                Slot::A.partition(),
+                Slot::B.partition(),
+                STATE_PARTITION,
+                EPHEMERAL_PARTITION
+            ],
+            ["EFI", "A", "B", "STATE", "EPHEMERAL"]
+        );
+        assert_eq!(ESP_LABEL, "ESP");
+        assert_eq!(
+            format!("{:032x}", type_guid::ESP),
+            "c12a7328f81f11d2ba4b00a0c93ec93b"
+        );
+        assert_eq!(
+            format!("{:032x}", type_guid::ROOT_X86_64),
+            "4f68bce3e8cd4db196e7fbcaf984b709"
+        );
+        assert_eq!(
+            format!("{:032x}", type_guid::LINUX_DATA),
+            "0fc63daf848347728e793d69d8477de4"
+        );
+        assert_eq!(Slot::A.cmdline_arg(), "slot=A");
+        assert_eq!(Slot::B.cmdline_arg(), "slot=B");
+        assert_eq!((ROOT_FSTYPE, DATA_FSTYPE), ("squashfs", "ext4"));
+        assert_eq!(Slot::A.counted_entry(BOOT_TRIES), "slot-a+3.conf");
+        assert_eq!(Slot::A.good_entry(), "slot-a.conf");
+        assert_eq!(Slot::B.counted_entry(BOOT_TRIES), "slot-b+3.conf");
+        assert_eq!(Slot::A.kernel_path(), "A/vmlinuz");
+        assert_eq!(Slot::A.initrd_path(), "A/initrd");
+        assert_eq!(Slot::B.kernel_path(), "B/vmlinuz");
+        assert_eq!(
+            [ENTRIES_DIR, LOADER_CONF, LOADER_DEFAULT],
+            ["loader/entries", "loader/loader.conf", "slot-*"]
+        );
+        assert_eq!(
+            [EFI_FALLBACK_LOADER, SYSTEMD_BOOT],
+            ["EFI/BOOT/BOOTX64.EFI", "EFI/systemd/systemd-bootx64.efi"]
+        );
+        assert_eq!(
+            [
+                artifact::kernel("qemu"),
+                artifact::initramfs("qemu"),
+                artifact::boot_initrd("qemu"),
+                artifact::disk("qemu")
+            ],
+            [
+                "qemu-vmlinuz",
+                "qemu-initramfs.cpio.zst",
+                "qemu-boot-initrd.cpio.zst",
+                "qemu-disk.raw"
+            ]
+        );
+    }
+
+    #[test]
+    fn slots_parse_from_their_names_only() {
+        assert_eq!(Slot::parse("A"), Some(Slot::A));
+        assert_eq!(Slot::parse("B"), Some(Slot::B));
+        for bad in ["a", "C", "", "AB", " A"] {
+            assert_eq!(Slot::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Slot::B.to_string(), "B");
+    }
+
+    #[test]
+    fn boot_counters_come_off_entry_names() {
+        assert_eq!(
+            entry_without_counter("slot-a+3.conf").as_deref(),
+            Some("slot-a.conf")
+        );
+        assert_eq!(
+            entry_without_counter("slot-a+2-1.conf").as_deref(),
+            Some("slot-a.conf")
+        );
+        assert_eq!(
+            entry_without_counter("slot-a+0-3.conf").as_deref(),
+            Some("slot-a.conf")
+        );
+        assert_eq!(entry_without_counter("slot-a.conf"), None);
+        assert_eq!(entry_without_counter("slot-a+x.conf"), None);
+        assert_eq!(entry_without_counter("slot-a+1-2-3.conf"), None);
+        assert!(Slot::A.is_counted_entry("slot-a+2-1.conf"));
+        assert!(!Slot::A.is_counted_entry("slot-a.conf"));
+        assert!(!Slot::A.is_counted_entry("slot-b+3.conf"));
+        assert!(!Slot::B.is_counted_entry("slot-ba+3.conf"));
+    }
+}
