@@ -8,7 +8,14 @@
 #              maintenance API) and a reboot with the config on disk (API
 #              answering, etcd healthy);
 #   wall time of `osctl cluster create` for 1 and 3 nodes (VMs in parallel
-#              on this host's cores).
+#              on this host's cores), with an image without Kubernetes;
+#   with Kubernetes (the source build, scripts/build-kubernetes.sh):
+#              wall time of `osctl cluster create` to every API server's
+#              /readyz through its forwarded port, for 1 and 3 control
+#              planes, and where the time goes (guest uptime at which
+#              etcd, kube-apiserver, kube-scheduler and
+#              kube-controller-manager became healthy). KUBE=0 skips this
+#              part (about 3 + 10 minutes on 2 cores).
 # The hand-made etcd image floor (etcd healthy at ~3.1 s guest uptime,
 # no TLS, no agent) is quoted from ../shared/REFERENCE.md, not re-measured.
 set -euo pipefail
@@ -20,11 +27,11 @@ osctl=$PWD/target/release/osctl
 work=$(mktemp -d)
 export OSCTL_CLUSTERS=$work/clusters OSCONFIG=$work/osconfig
 cleanup() {
-  for c in bench1 bench3; do "$osctl" cluster destroy --name $c >/dev/null 2>&1 || true; done
+  for c in bench1 bench3 kube1 kube3; do "$osctl" cluster destroy --name $c >/dev/null 2>&1 || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
-./target/release/imager build -q profiles/qemu.yaml -o "$work/image" >/dev/null
+./target/release/imager build -q profiles/qemu.yaml -o "$work/image" --no-kubernetes >/dev/null
 
 now() { date +%s.%N; }
 py() { python3 -c "$@"; }
@@ -100,3 +107,34 @@ echo
 echo "osctl cluster create, wall time (image prebuilt, TCG)"
 printf '%-58s %8ss\n' "1 node (boot, apply, bootstrap, healthy)" "$create1"
 printf '%-58s %8ss\n' "3 nodes (VMs share $(nproc) cores)" "$create3"
+
+[ "${KUBE:-1}" = 1 ] || exit 0
+
+# --- with Kubernetes: cluster create to /readyz, and where the time goes
+scripts/build-kubernetes.sh "$work/kubernetes" >/dev/null
+./target/release/imager build -q profiles/qemu.yaml -o "$work/kimage" --kubernetes-dir "$work/kubernetes" >/dev/null
+kube_create() { # name controlplanes -> wall seconds; boot timelines in $work/NAME-I.json
+  local t0 t1 state n
+  t0=$(now)
+  "$osctl" cluster create --name "$1" --controlplanes "$2" --image "$work/kimage" --accel tcg --wait 2400 >/dev/null 2>"$work/$1.log"
+  t1=$(now)
+  state=$OSCTL_CLUSTERS/$1/cluster.json
+  for n in $(seq 0 $(($2 - 1))); do
+    "$osctl" boot --context "$1" -n "$(py "import json; print('127.0.0.1:%d' % json.load(open('$state'))['nodes'][$n]['api_port'])")" -o json > "$work/$1-$n.json"
+  done
+  "$osctl" cluster destroy --name "$1" >/dev/null
+  py "print(round($t1 - $t0, 1))"
+}
+kcreate1=$(kube_create kube1 1)
+kcreate3=$(kube_create kube3 3)
+echo
+echo "osctl cluster create with Kubernetes v1.35.4 to /readyz through the forwarded port (image prebuilt, TCG)"
+printf '%-58s %8ss\n' "1 control plane" "$kcreate1"
+printf '%-58s %8ss\n' "3 control planes (VMs share $(nproc) cores)" "$kcreate3"
+echo "where the time goes (guest uptime, seconds):"
+printf '%-12s %8s %8s %15s %15s %24s\n' node etcd apiserver scheduler controller-mgr "(API mTLS)"
+for f in kube1-0 kube3-0 kube3-1 kube3-2; do
+  printf '%-12s %8s %8s %15s %15s %24s\n' "$f" "$(phase "$work/$f.json" "etcd healthy")" \
+    "$(phase "$work/$f.json" "kube-apiserver healthy")" "$(phase "$work/$f.json" "kube-scheduler healthy")" \
+    "$(phase "$work/$f.json" "kube-controller-manager healthy")" "$(phase "$work/$f.json" "API serving" "mutual")"
+done

@@ -17,7 +17,9 @@
 # each with a SHA256SUMS file and a BUILDINFO file (toolchain, flags,
 # inputs). A warm run (every binary present, SHA256SUMS matching, same
 # BUILDINFO) builds nothing. With OUT_DIR the binaries are then hard-linked
-# (else copied) into OUT_DIR, with one SHA256SUMS for all of them.
+# (else copied) into OUT_DIR, with one SHA256SUMS for all of them and the
+# Kubernetes set's BUILDINFO (CoreDNS': BUILDINFO.coredns), which `imager
+# build --kubernetes-dir` checks against the profile's version.
 #
 # Environment: OSBUILD_CACHE (cache root instead of the default),
 # SOURCE_DATE_EPOCH (buildDate), GOCACHE/GOMODCACHE as usual for go.
@@ -59,6 +61,7 @@ t_start=$(now)
 cache_base=${OSBUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/osbuild}
 go_version=$("$GO" env GOVERSION)
 outputs=()   # "cache_dir binary" for the OUT_DIR step
+buildinfos=()   # "set_name cache_dir" for the OUT_DIR step
 
 go_env="go=$go_version GOOS=$GOOS GOARCH=$GOARCH GOAMD64=$GOAMD64 CGO_ENABLED=$CGO_ENABLED GOEXPERIMENT=$("$GO" env GOEXPERIMENT)"
 
@@ -78,6 +81,7 @@ build_set() {
   info+=$'\n'"$go_env"$'\n'"tags=$tags"$'\n'"ldflags=$ldflags"
   info+=$'\n'"go.mod=$(sha256sum go.mod | cut -c1-64)"$'\n'"go.sum=$gosum_sha"$'\n'"binaries=${bins[*]}"
   for b in "${bins[@]}"; do outputs+=("$dest $b"); done
+  buildinfos+=("$name $dest")
 
   mkdir -p "$cache_root"
   # One build per cache at a time; a second caller waits, then finds it warm.
@@ -179,6 +183,11 @@ if [ -n "$out_dir" ]; then
     grep "  $b\$" "$d/SHA256SUMS" >> "$out_dir/SHA256SUMS.tmp"
   done
   mv "$out_dir/SHA256SUMS.tmp" "$out_dir/SHA256SUMS"
+  for o in "${buildinfos[@]}"; do
+    n=${o%% *}; d=${o#* }
+    f=BUILDINFO; [ "$n" = kubernetes ] || f=BUILDINFO.$n
+    cp "$d/BUILDINFO" "$out_dir/$f.tmp" && mv "$out_dir/$f.tmp" "$out_dir/$f"
+  done
   # Hard links are the verified cache files; copies are checked again.
   if [ ${#copied[@]} -gt 0 ]; then
     (cd "$out_dir" && grep -E "  ($(IFS='|'; echo "${copied[*]}"))\$" SHA256SUMS | sha256sum --quiet --strict -c -) ||

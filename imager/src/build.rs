@@ -5,13 +5,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use machine_api::layout::{self, artifact, Slot};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::assemble::{self, elf, modules};
 use crate::format::{cpio, fat, gpt_disk, squashfs};
+use crate::kubernetes::{KubeSource, ManifestKubernetes};
 use crate::lock::{rfc2822_to_epoch, Lock, LockedPackage};
 use crate::profile::{OutputKind, Profile};
 use crate::source::{self, Cache, Mirror, PackageRecord};
@@ -38,6 +39,10 @@ impl Progress {
             quiet,
             bar,
         }
+    }
+
+    pub fn is_quiet(&self) -> bool {
+        self.quiet
     }
 
     pub fn step(&self, msg: impl AsRef<str>) {
@@ -136,10 +141,8 @@ pub struct BuildOptions {
     pub mirror: Option<String>,
     pub machined: PathBuf,
     pub init: PathBuf,
-    pub kubernetes_dir: Option<PathBuf>,
-    /// `kubernetes-server-linux-amd64.tar.gz` as a file or URL, verified by
-    /// the profile's `serverTarballSha512`.
-    pub kubernetes_tarball: Option<String>,
+    /// Where the Kubernetes binaries come from ([`crate::kubernetes`]).
+    pub kubernetes: KubeSource,
     /// A machine config to bake in (validated first).
     pub embed_config: Option<PathBuf>,
     /// CA certificates (PEM) a node trusts for https `machined.config=`
@@ -186,15 +189,6 @@ pub struct ManifestInput {
 pub struct ManifestFile {
     pub path: String,
     pub sha256: String,
-}
-
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ManifestKubernetes {
-    pub present: bool,
-    pub version: Option<String>,
-    pub binaries: Vec<ManifestFile>,
-    pub note: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -432,12 +426,18 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             Entry::file(*mode, text.clone().into_bytes()),
         )?;
     }
-    let kubernetes = add_kubernetes(
-        &mut image,
-        &profile,
-        opts.kubernetes_dir.as_deref(),
-        opts.kubernetes_tarball.as_deref(),
-    )?;
+    let kubernetes = {
+        // The source build's output lives here until it is read.
+        let work = tempfile::tempdir_in(&opts.output)?;
+        crate::kubernetes::add(
+            &mut image,
+            &profile,
+            &opts.kubernetes,
+            work.path(),
+            progress,
+        )?
+    };
+    progress.step(format!("kubernetes: {}", kubernetes.note));
     let added = elf::close(&mut image, &staging)?;
     progress.step(format!(
         "image tree: {} entries, {:.1} MiB, {} libraries added by the ELF closure, {} modules",
@@ -559,109 +559,6 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     )?;
     progress.step(format!("wrote {}", mpath.display()));
     Ok(manifest)
-}
-
-/// The binaries of the official server tarball, after checking it against
-/// the sha512 the profile pins (the one published in the release CHANGELOG).
-pub fn kubernetes_from_tarball(
-    tarball: &str,
-    sha512: &str,
-    wanted: &[String],
-) -> Result<Vec<(String, Vec<u8>)>> {
-    use sha2::Sha512;
-    let bytes = if tarball.starts_with("http://") || tarball.starts_with("https://") {
-        crate::source::fetch(tarball).with_context(|| format!("downloading {tarball}"))?
-    } else {
-        std::fs::read(tarball).with_context(|| format!("reading {tarball}"))?
-    };
-    let got = hex::encode(Sha512::digest(&bytes));
-    if !got.eq_ignore_ascii_case(sha512.trim()) {
-        bail!(
-            "{tarball}: sha512 {got} does not match kubernetes.serverTarballSha512 {sha512} in the profile: refusing it"
-        );
-    }
-    let mut found: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
-    for entry in archive.entries().context("reading the server tarball")? {
-        let mut entry = entry?;
-        let path = entry.path()?.to_string_lossy().into_owned();
-        if let Some(name) = path.strip_prefix("kubernetes/server/bin/") {
-            if wanted.iter().any(|w| w == name) {
-                let mut data = Vec::new();
-                std::io::Read::read_to_end(&mut entry, &mut data)?;
-                found.push((name.to_owned(), data));
-            }
-        }
-    }
-    for w in wanted {
-        if !found.iter().any(|(n, _)| n == w) {
-            bail!("{tarball}: no kubernetes/server/bin/{w} in the tarball");
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-fn add_kubernetes(
-    image: &mut Tree,
-    profile: &Profile,
-    dir: Option<&Path>,
-    tarball: Option<&str>,
-) -> Result<ManifestKubernetes> {
-    let Some(k) = &profile.kubernetes else {
-        return Ok(ManifestKubernetes {
-            present: false,
-            version: None,
-            binaries: vec![],
-            note: "the profile asks for no Kubernetes binaries".into(),
-        });
-    };
-    let (binaries, from): (Vec<(String, Vec<u8>)>, String) = match (dir, tarball) {
-        (Some(dir), _) => {
-            let mut v = Vec::new();
-            for b in &k.binaries {
-                let p = dir.join(b);
-                let data = std::fs::read(&p)
-                    .with_context(|| format!("--kubernetes-dir {}: missing {b}", dir.display()))?;
-                v.push((b.clone(), data));
-            }
-            (v, dir.display().to_string())
-        }
-        (None, Some(t)) => {
-            let sha = k.server_tarball_sha512.as_deref().ok_or_else(|| {
-                anyhow!("--kubernetes-tarball needs kubernetes.serverTarballSha512 in the profile (from the release CHANGELOG)")
-            })?;
-            (kubernetes_from_tarball(t, sha, &k.binaries)?, t.to_owned())
-        }
-        (None, None) => {
-            return Ok(ManifestKubernetes {
-                present: false,
-                version: Some(k.version.clone()),
-                binaries: vec![],
-                note: format!(
-                    "Kubernetes {} binaries ABSENT: neither --kubernetes-dir nor --kubernetes-tarball was given (no package registry carries them); this image can run etcd and containerd but not the Kubernetes roles",
-                    k.version
-                ),
-            })
-        }
-    };
-    let mut files = Vec::new();
-    for (b, data) in binaries {
-        if elf::needs(&data).is_none() {
-            bail!("{from}: {b} is not an ELF executable");
-        }
-        files.push(ManifestFile {
-            path: format!("/usr/bin/{b}"),
-            sha256: hex::encode(Sha256::digest(&data)),
-        });
-        image.insert(&Path::new("usr/bin").join(&b), Entry::file(0o755, data))?;
-    }
-    Ok(ManifestKubernetes {
-        present: true,
-        version: Some(k.version.clone()),
-        binaries: files,
-        note: format!("from {from}"),
-    })
 }
 
 /// The raw UEFI disk: ESP (systemd-boot, a boot-counted entry for slot A),
@@ -945,48 +842,5 @@ mod tests {
         drop(f);
         let plain = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
         assert_eq!(sha256_file(&p).unwrap(), plain);
-    }
-
-    fn tarball(dir: &Path) -> (PathBuf, String) {
-        let path = dir.join("kubernetes-server-linux-amd64.tar.gz");
-        let f = std::fs::File::create(&path).unwrap();
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-            f,
-            flate2::Compression::fast(),
-        ));
-        let elf = std::fs::read("/bin/true").unwrap();
-        for name in ["kubelet", "kube-proxy"] {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(elf.len() as u64);
-            h.set_mode(0o755);
-            h.set_cksum();
-            b.append_data(
-                &mut h,
-                format!("kubernetes/server/bin/{name}"),
-                elf.as_slice(),
-            )
-            .unwrap();
-        }
-        b.into_inner().unwrap().finish().unwrap();
-        let sha = hex::encode(sha2::Sha512::digest(std::fs::read(&path).unwrap()));
-        (path, sha)
-    }
-
-    #[test]
-    fn kubernetes_tarball_is_pinned_by_sha512() {
-        let d = tempfile::tempdir().unwrap();
-        let (path, sha) = tarball(d.path());
-        let p = path.to_str().unwrap();
-        let got = kubernetes_from_tarball(p, &sha, &["kubelet".into()]).unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].0, "kubelet");
-        let err = kubernetes_from_tarball(p, &"0".repeat(128), &["kubelet".into()]).unwrap_err();
-        assert!(err.to_string().contains("does not match"), "{err}");
-        let err = kubernetes_from_tarball(p, &sha, &["kube-apiserver".into()]).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("no kubernetes/server/bin/kube-apiserver"),
-            "{err}"
-        );
     }
 }

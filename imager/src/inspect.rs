@@ -71,7 +71,10 @@ pub fn inspect(path: &Path) -> Result<()> {
                 (p.last_lba - p.first_lba + 1) * 512 / 1048576
             );
         }
-        if let Some(esp) = parts.iter().find(|p| p.name == "EFI") {
+        if let Some(esp) = parts
+            .iter()
+            .find(|p| p.name == machine_api::layout::ESP_PARTITION)
+        {
             let mut f = std::fs::File::open(path)?;
             use std::io::{Seek, SeekFrom};
             f.seek(SeekFrom::Start(esp.first_lba * 512))?;

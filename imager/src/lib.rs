@@ -2,6 +2,7 @@ pub mod assemble;
 pub mod build;
 pub mod format;
 pub mod inspect;
+pub mod kubernetes;
 pub mod lock;
 pub mod profile;
 pub mod source;

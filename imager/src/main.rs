@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use imager::build::{self, BuildOptions, Progress};
+use imager::kubernetes::KubeSource;
 use imager::lock::Lock;
 use imager::profile::Profile;
 
@@ -23,6 +24,8 @@ struct Cli {
     quiet: bool,
 }
 
+// Parsed once per run: the size of the build variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build the outputs of PROFILE from its lock file.
@@ -41,13 +44,27 @@ enum Command {
         /// Our init binary (default: target/release/init, likewise).
         #[arg(long)]
         init: Option<PathBuf>,
-        /// Directory with kube-apiserver, kubelet, ... for the image.
-        #[arg(long, conflicts_with = "kubernetes_tarball")]
+        /// Directory with kube-apiserver, kubelet, ... for the image (e.g.
+        /// `scripts/build-kubernetes.sh DIR`). Its SHA256SUMS and BUILDINFO,
+        /// when present, and each binary's Go build information must agree
+        /// with the profile's kubernetes.version.
+        /// Without any --kubernetes-* flag: the official tarball of the
+        /// profile's release from dl.k8s.io when reachable, else the source
+        /// build, else an image without Kubernetes (the note says why).
+        #[arg(long, value_name = "DIR", group = "kube")]
         kubernetes_dir: Option<PathBuf>,
         /// The official kubernetes-server-linux-amd64.tar.gz (file or URL),
         /// checked against the profile's serverTarballSha512.
-        #[arg(long, value_name = "FILE|URL")]
+        #[arg(long, value_name = "FILE|URL", group = "kube")]
         kubernetes_tarball: Option<String>,
+        /// Build the binaries from this kubernetes/ Go module with the
+        /// scripts/build-kubernetes.sh beside it (default when no other
+        /// source answers: the workspace's).
+        #[arg(long, value_name = "DIR", group = "kube")]
+        kubernetes_source: Option<PathBuf>,
+        /// No Kubernetes binaries in the image.
+        #[arg(long, group = "kube")]
+        no_kubernetes: bool,
         /// A machine config baked into the image (0600 at
         /// /usr/lib/machined/config.yaml): nodes booted from it configure
         /// themselves on first boot instead of waiting in maintenance mode.
@@ -116,6 +133,8 @@ fn main() -> ExitCode {
             init,
             kubernetes_dir,
             kubernetes_tarball,
+            kubernetes_source,
+            no_kubernetes,
             embed_config,
             config_ca,
             source_date_epoch,
@@ -127,8 +146,13 @@ fn main() -> ExitCode {
                 mirror,
                 machined: machined.unwrap_or_else(|| default_bin("machined")),
                 init: init.unwrap_or_else(|| default_bin("init")),
-                kubernetes_dir,
-                kubernetes_tarball,
+                kubernetes: match (kubernetes_dir, kubernetes_tarball, kubernetes_source) {
+                    _ if no_kubernetes => KubeSource::None,
+                    (Some(d), _, _) => KubeSource::Dir(d),
+                    (_, Some(t), _) => KubeSource::Tarball(t),
+                    (_, _, Some(m)) => KubeSource::Source(m),
+                    _ => KubeSource::Auto,
+                },
                 embed_config,
                 config_ca,
                 source_date_epoch,
@@ -144,7 +168,9 @@ fn main() -> ExitCode {
                         opts.output.join(&o.path).display()
                     );
                 }
-                if !m.kubernetes.present {
+                if m.kubernetes.present {
+                    println!("kubernetes: {}", m.kubernetes.note);
+                } else {
                     println!("note: {}", m.kubernetes.note);
                 }
             })

@@ -95,6 +95,8 @@ fn built() -> Option<&'static (PathBuf, tempfile::TempDir)> {
                 our_bin("machined").to_str().unwrap(),
                 "--init",
                 our_bin("init").to_str().unwrap(),
+                // Kubernetes is the source build's business (its own tests).
+                "--no-kubernetes",
             ]);
             if !ok
                 && (out.contains("cannot fetch")
@@ -264,6 +266,7 @@ fn same_profile_and_lock_build_byte_identical_outputs() {
         our_bin("machined").to_str().unwrap(),
         "--init",
         our_bin("init").to_str().unwrap(),
+        "--no-kubernetes",
     ]);
     assert!(ok, "{text}");
     for f in [
@@ -302,6 +305,7 @@ fn a_lock_that_no_longer_matches_is_refused() {
         our_bin("machined").to_str().unwrap(),
         "--init",
         our_bin("init").to_str().unwrap(),
+        "--no-kubernetes",
     ]);
     assert!(!ok);
     assert!(out.contains("runc") && out.contains("imager lock"), "{out}");
@@ -340,6 +344,7 @@ fn a_missing_library_fails_naming_binary_library_and_package() {
         our_bin("machined").to_str().unwrap(),
         "--init",
         our_bin("init").to_str().unwrap(),
+        "--no-kubernetes",
     ]);
     assert!(!ok);
     assert!(

@@ -39,6 +39,11 @@ pub struct Context {
     pub crt: String,
     /// PEM client private key.
     pub key: String,
+    /// The Kubernetes API server URL as seen from this machine, when it
+    /// differs from the cluster's `controlPlane.endpoint` (a local cluster's
+    /// forwarded port): `osctl kubeconfig` writes it as the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for Context {
@@ -46,6 +51,7 @@ impl std::fmt::Debug for Context {
         f.debug_struct("Context")
             .field("endpoints", &self.endpoints)
             .field("nodes", &self.nodes)
+            .field("kubernetes_endpoint", &self.kubernetes_endpoint)
             .field("key", &"<redacted>")
             .finish_non_exhaustive()
     }

@@ -140,12 +140,21 @@ fn maintenance_token(cli: &Cli, paths: &Paths, host_mode: bool) -> Option<String
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists: glibc keeps arenas made before the cap.
+    machined::limits::tune_malloc();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before the runtime, the listeners and any service start: the
+    // listeners' caps and the services' own limits (capped at machined's
+    // hard limit) rely on it.
+    match machined::limits::raise_nofile() {
+        Ok(change) => info!("{change}"),
+        Err(e) => warn!("cannot raise the open files limit: {e}"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

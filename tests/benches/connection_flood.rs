@@ -9,7 +9,8 @@
 //! - machined's RSS and fds unloaded, under the largest flood, after it;
 //! - `version` (new connection each call, and on one reused connection) and
 //!   `apply-config` of the running config (reused connection) p50 / p99,
-//!   unloaded and under the largest flood;
+//!   unloaded and under the largest flood, with a bare TCP connect to the
+//!   same port as the reference for the client side's own cost;
 //! - 500 established mutual-TLS connections held idle: RSS while held and
 //!   after they close (memory given back), and `version` meanwhile.
 //!
@@ -78,6 +79,45 @@ fn side_by_side(what: &str, unloaded: Figures, loaded: Figures, load: &str) {
         loaded.failed,
         loaded.calls,
     );
+}
+
+/// Connections waiting in the accept queue of the listener on `ip:port`
+/// (`/proc/net/tcp`: a listening socket's rx_queue is its accept queue).
+fn accept_queue(ip: std::net::Ipv4Addr, port: u16) -> usize {
+    let local = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip.octets()));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && f[1] == local && f[3] == "0A")
+        .and_then(|f| f[4].split_once(':'))
+        .and_then(|(_, rx)| usize::from_str_radix(rx, 16).ok())
+        .unwrap_or(0)
+}
+
+/// Waits (up to 30 s) until machined has taken in every connection queued
+/// for it, so a figure is for connections held, not for the burst of
+/// opening them.
+fn settle(ip: &str) {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    let start = Instant::now();
+    while accept_queue(ip, 50000) > 0 && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// Bare TCP connects to the same port: the client side's own cost, which
+/// grows with the sockets this process holds (ephemeral port search).
+fn tcp_connects(ip: &str, n: usize) -> Figures {
+    let mut d = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        drop(TcpStream::connect((ip, 50000)).unwrap());
+        d.push(t.elapsed());
+    }
+    figures(d, 0)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -175,6 +215,7 @@ fn main() {
     let rss_idle = status_kib(pid, "VmRSS:");
     let fds_idle = fd_count(pid);
     let fresh0 = fresh_version(300);
+    let tcp0 = tcp_connects(ip, 300);
     let (version0, apply0) = reused(300);
     let degraded_at =
         |f: &Figures| f.failed > 0 || f.p99 > fresh0.p99 * 5 + Duration::from_millis(20);
@@ -209,9 +250,7 @@ fn main() {
                 }
             }
         }
-        // Let machined take in the step's connections first: the figure is
-        // for connections held, not for the burst of opening them.
-        std::thread::sleep(Duration::from_millis(500));
+        settle(ip);
         let f = fresh_version(200);
         println!(
             "{:<10} {:>12.2} {:>12.2} {:>8} {:>14}",
@@ -231,7 +270,9 @@ fn main() {
     // Under the largest flood held.
     let rss_under = status_kib(pid, "VmRSS:");
     let fds_under = fd_count(pid);
+    settle(ip);
     let fresh1 = fresh_version(300);
+    let tcp1 = tcp_connects(ip, 300);
     let (version1, apply1) = reused(300);
     let load = format!("{} idle held", flood.len());
 
@@ -276,6 +317,7 @@ fn main() {
         ),
     }
     side_by_side("version, new connection each call", fresh0, fresh1, &load);
+    side_by_side("reference: bare TCP connect, same port", tcp0, tcp1, &load);
     side_by_side("version, reused connection", version0, version1, &load);
     side_by_side(
         "apply-config (unchanged), reused connection",

@@ -391,15 +391,25 @@ pub fn build_qemu_image(out: &Path) -> Option<PathBuf> {
     build_qemu_image_with(out, &[])
 }
 
-/// [`build_qemu_image`] with more `imager build` arguments.
+/// [`build_qemu_image`] with more `imager build` arguments. Without a
+/// `--kubernetes-*` argument the image has no Kubernetes binaries
+/// (`--no-kubernetes`): these boot tests are about the OS, and stay small.
 pub fn build_qemu_image_with(out: &Path, extra: &[&std::ffi::OsStr]) -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let kube_flag = extra
+        .iter()
+        .any(|a| a.to_string_lossy().starts_with("--kubernetes"));
     let build = Command::new(bin("imager"))
         .current_dir(&root)
         .args(["build", "-q", "profiles/qemu.yaml", "-o"])
         .arg(out)
         .args(["--machined", bin("machined").to_str().unwrap()])
         .args(["--init", bin("init").to_str().unwrap()])
+        .args(if kube_flag {
+            None
+        } else {
+            Some("--no-kubernetes")
+        })
         .args(extra)
         .output()
         .unwrap();
@@ -461,6 +471,19 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn create(tmp: &Path, name: &str, image: &Path, controlplanes: u32, workers: u32) -> Self {
+        Self::create_waiting(tmp, name, image, controlplanes, workers, 400)
+    }
+
+    /// [`create`](Self::create) giving `osctl cluster create --wait` `wait`
+    /// seconds.
+    pub fn create_waiting(
+        tmp: &Path,
+        name: &str,
+        image: &Path,
+        controlplanes: u32,
+        workers: u32,
+        wait: u64,
+    ) -> Self {
         let state_dir = tmp.join("clusters");
         let osconfig = tmp.join("osconfig");
         let created = osctl(&[
@@ -481,7 +504,7 @@ impl LocalCluster {
             "--accel",
             "tcg",
             "--wait",
-            "400",
+            &wait.to_string(),
         ]);
         let c = LocalCluster {
             state_dir,
@@ -524,6 +547,13 @@ impl LocalCluster {
     }
     pub fn etcd_endpoint(&self, i: usize) -> String {
         format!("https://127.0.0.1:{}", self.nodes()[i]["etcd_port"])
+    }
+    /// The forwarded Kubernetes API of control-plane node `i`.
+    pub fn k8s_endpoint(&self, i: usize) -> String {
+        let port = self.nodes()[i]["k8s_port"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("node {i} has no forwarded Kubernetes API port"));
+        format!("https://127.0.0.1:{port}")
     }
     pub fn pid(&self, i: usize) -> Option<i32> {
         let p = self.nodes()[i]["pidfile"].as_str()?.to_owned();
@@ -648,6 +678,38 @@ pub const PARTIAL_CLIENT_HELLO: [u8; 9] = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0
 pub fn kube_bin_dir() -> Option<PathBuf> {
     let dir = PathBuf::from(std::env::var_os("KUBE_BIN_DIR")?);
     dir.join("kube-apiserver").is_file().then_some(dir)
+}
+
+/// [`kube_bin_dir`], or a skip (a failure under CI) naming what is missing.
+pub fn require_kube_bin_dir() -> Option<PathBuf> {
+    let dir = kube_bin_dir();
+    if dir.is_none() {
+        skip("no Kubernetes binaries: run scripts/build-kubernetes.sh DIR and set KUBE_BIN_DIR=DIR (scripts/test.sh does)");
+    }
+    dir
+}
+
+/// The qemu profile's image with the Kubernetes binaries of `kube_dir`.
+pub fn build_qemu_image_with_kubernetes(out: &Path, kube_dir: &Path) -> Option<PathBuf> {
+    build_qemu_image_with(
+        out,
+        &[
+            std::ffi::OsStr::new("--kubernetes-dir"),
+            kube_dir.as_os_str(),
+        ],
+    )
+}
+
+/// kubectl from `bins` with `kubeconfig` (and a bounded request time);
+/// its discovery cache beside the kubeconfig, not under `$HOME`.
+pub fn kubectl(bins: &Path, kubeconfig: &Path, args: &[&str]) -> Run {
+    run(Command::new(bins.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(kubeconfig.with_extension("kube-cache"))
+        .args(["--request-timeout", "20s"])
+        .args(args))
 }
 
 /// Runs a command and collects its output.

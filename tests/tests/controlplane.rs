@@ -13,9 +13,13 @@ use std::time::Duration;
 use node_tests::{kube_bin_dir, run, wait_until, ClusterFiles, Machined, Run};
 
 fn kubectl(bins: &Path, kubeconfig: &Path, args: &[&str]) -> Run {
+    // kubectl's discovery cache beside the kubeconfig, not in the tree.
+    let cache = kubeconfig.with_extension("kube-cache");
     run(Command::new(bins.join("kubectl"))
         .arg("--kubeconfig")
         .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(&cache)
         .args(["--request-timeout", "20s"])
         .args(args))
 }

@@ -231,7 +231,13 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     let node = format!("127.0.0.1:{api}");
 
     let files = ClusterFiles::generate(&tmp.path().join("cluster"), "10.0.2.15");
-    let cfg = files.node_config("vm.yaml", "disk-1", "");
+    // Kernel settings the Kubernetes roles need, applied on a real kernel:
+    // the module first (its sysctl exists only once it is loaded).
+    let cfg = files.node_config(
+        "vm.yaml",
+        "disk-1",
+        "{machine: {kernelModules: [br_netfilter], sysctls: {net.ipv4.ip_forward: '1', net.bridge.bridge-nf-call-iptables: '1'}}}",
+    );
     wait_until(Duration::from_secs(30), "the maintenance API", || {
         node_tests::apply_insecure(&node, &fp, &token, &cfg).ok
     });
@@ -248,6 +254,16 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     let timeline = files.osctl(&[&node], &["boot"]).expect_ok();
     assert!(
         timeline.stdout.contains("disks ready") && timeline.stdout.contains("etcd healthy"),
+        "{}",
+        timeline.text()
+    );
+    // machined read each value back from /proc/sys after writing it.
+    assert!(
+        timeline.stdout.contains("module br_netfilter")
+            && timeline.stdout.contains("net.ipv4.ip_forward=1")
+            && timeline
+                .stdout
+                .contains("net.bridge.bridge-nf-call-iptables=1"),
         "{}",
         timeline.text()
     );

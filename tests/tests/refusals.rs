@@ -26,6 +26,7 @@ fn write_osconfig(
             ca: ca.into(),
             crt: crt.into(),
             key: key.into(),
+            kubernetes_endpoint: None,
         },
     );
     let p = dir.join(name);

@@ -302,6 +302,7 @@ impl GenConfig {
                 ca: bundle.os_ca.crt.clone(),
                 crt: admin.cert_pem,
                 key: admin.key_pem,
+                kubernetes_endpoint: None,
             },
         );
 
@@ -366,6 +367,7 @@ impl GenOsconfig {
             ca: bundle.os_ca.crt.clone(),
             crt: cert.cert_pem,
             key: cert.key_pem,
+            kubernetes_endpoint: None,
         };
         let osconfig = if self.merge && self.output.exists() {
             let text = files::read(&self.output)?;

@@ -5,6 +5,11 @@
 //! the new one. `--force` replaces the whole file. `-` prints it.
 //!
 //! Default PATH: `$KUBECONFIG`'s first entry, else `~/.kube/config`.
+//!
+//! The server is the cluster's `controlPlane.endpoint`, unless the context
+//! names a `kubernetesEndpoint` (how this machine reaches the API server:
+//! a local cluster's forwarded port). Given several nodes (a context's
+//! endpoints), the first that answers with one is used.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,18 +71,54 @@ pub fn merge(old: &mut Value, new: &Value) -> Result<()> {
     Ok(())
 }
 
+/// Points every cluster entry of a kubeconfig at `server`.
+pub fn set_server(kubeconfig: &mut Value, server: &str) {
+    if let Some(clusters) = kubeconfig["clusters"].as_array_mut() {
+        for c in clusters {
+            c["cluster"]["server"] = Value::from(server);
+        }
+    }
+}
+
 impl Kubeconfig {
     pub async fn run(self) -> Result<ExitCode> {
         let s = Session::mutual(&self.connect)?;
-        if s.targets.len() != 1 {
-            bail!("kubeconfig asks one node: give one control-plane node with -n");
-        }
-        let mut res = s
+        // Several nodes (a context's endpoints): the first, in order, that
+        // gives one (a control-plane node that answers).
+        let res = s
             .call(|ch| async move { rpc(MachineServiceClient::new(ch).kubeconfig(Empty {}).await) })
             .await;
-        let (node, r) = res.pop().ok_or_else(|| anyhow!("no node answered"))?;
-        let data = r.with_context(|| format!("node {node}"))?.data;
-        let text = String::from_utf8(data).context("the node's kubeconfig is not text")?;
+        let mut errors = Vec::new();
+        let mut data = None;
+        for (node, r) in res {
+            match r {
+                Ok(r) => {
+                    data = Some(r.data);
+                    break;
+                }
+                Err(e) => errors.push(format!("node {node}: {e:#}")),
+            }
+        }
+        let Some(data) = data else {
+            bail!(
+                "no node gave a kubeconfig (ask a control-plane node with -n):\n  {}",
+                errors.join("\n  ")
+            );
+        };
+        let mut text = String::from_utf8(data).context("the node's kubeconfig is not text")?;
+        // The context knows how this machine reaches the API server (a
+        // local cluster's forwarded port) when the cluster's endpoint is
+        // not reachable from here.
+        if let Some(server) = self
+            .connect
+            .context()
+            .ok()
+            .and_then(|c| c.kubernetes_endpoint)
+        {
+            let mut v: Value = serde_norway::from_str(&text).context("the node's kubeconfig")?;
+            set_server(&mut v, &server);
+            text = serde_norway::to_string(&v)?;
+        }
         let path = match self.path {
             Some(p) if p.as_os_str() == "-" => {
                 print!("{text}");
@@ -147,5 +188,21 @@ mod tests {
         assert_eq!(old["users"].as_array().unwrap().len(), 1);
         assert_eq!(old["contexts"].as_array().unwrap().len(), 2);
         assert_eq!(old["current-context"], "kubernetes-admin@a");
+    }
+
+    #[test]
+    fn the_server_is_replaced_in_every_cluster() {
+        let mut k: Value = serde_json::json!({
+            "clusters": [{"name": "a", "cluster": {"server": "https://10.5.0.10:6443", "certificate-authority-data": "x"}}],
+        });
+        set_server(&mut k, "https://127.0.0.1:41234");
+        assert_eq!(
+            k["clusters"][0]["cluster"]["server"],
+            "https://127.0.0.1:41234"
+        );
+        assert_eq!(
+            k["clusters"][0]["cluster"]["certificate-authority-data"],
+            "x"
+        );
     }
 }

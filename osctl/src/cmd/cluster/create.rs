@@ -37,9 +37,20 @@ pub struct Create {
     /// profiles/qemu.yaml when it exists here).
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
-    /// Memory per VM in MiB.
+    /// The Kubernetes binaries to build the image with (`imager build
+    /// --kubernetes-dir`, e.g. from `scripts/build-kubernetes.sh DIR`).
+    /// Default: imager's order (the official tarball when reachable, else
+    /// the source build).
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
+    pub kubernetes_dir: Option<PathBuf>,
+    /// Memory per control-plane VM in MiB (default: 2048 when the image
+    /// has Kubernetes, for etcd, kube-apiserver, kube-controller-manager
+    /// and kube-scheduler; else 1024).
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Memory per worker VM in MiB.
     #[arg(long, default_value_t = 1024)]
-    pub memory: u32,
+    pub memory_workers: u32,
     /// Virtual CPUs per VM.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
@@ -53,8 +64,9 @@ pub struct Create {
     /// then ~/.osctl/osconfig).
     #[arg(long, value_name = "FILE")]
     pub osconfig: Option<PathBuf>,
-    /// Give up waiting for the cluster after this many seconds.
-    #[arg(long, default_value_t = 600)]
+    /// Give up waiting for the cluster after this many seconds (3 control
+    /// planes with Kubernetes take about 10 minutes under TCG on 2 cores).
+    #[arg(long, default_value_t = 1200)]
     pub wait: u64,
 }
 
@@ -68,6 +80,32 @@ impl Progress {
             self.0.elapsed().as_secs_f64(),
             msg.as_ref()
         );
+    }
+}
+
+/// Default memory of a control-plane VM whose image has Kubernetes: etcd,
+/// kube-apiserver, kube-controller-manager and kube-scheduler together.
+const CP_MEMORY_KUBE: u32 = 2048;
+
+/// The Kubernetes part of an image's manifest.json.
+#[derive(Debug, Clone)]
+struct ImageKubernetes {
+    present: bool,
+    version: Option<String>,
+    note: String,
+}
+
+impl ImageKubernetes {
+    /// None when the image directory has no (readable) manifest.
+    fn of(image: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(image.join("manifest.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let k = &v["kubernetes"];
+        Some(ImageKubernetes {
+            present: k["present"].as_bool().unwrap_or(false),
+            version: k["version"].as_str().map(str::to_owned),
+            note: k["note"].as_str().unwrap_or_default().to_owned(),
+        })
     }
 }
 
@@ -165,6 +203,19 @@ impl Create {
             ),
         };
         let disk = image_file(&image, artifact::DISK_SUFFIX)?;
+        let kube = ImageKubernetes::of(&image);
+        match &kube {
+            Some(k) if k.present => p.step(format!("image: {}", k.note)),
+            Some(k) => p.step(format!("image: {} (control planes run etcd only)", k.note)),
+            None => p.step(format!(
+                "image: {} has no manifest.json; assuming it carries Kubernetes",
+                image.display()
+            )),
+        }
+        let has_kube = kube.as_ref().is_none_or(|k| k.present);
+        let cp_memory = self
+            .memory
+            .unwrap_or(if has_kube { CP_MEMORY_KUBE } else { 1024 });
 
         if self.accel == Accel::Auto {
             p.step("checking whether KVM runs a guest (cached per host boot)");
@@ -188,7 +239,12 @@ impl Create {
                     .parse()
                     .map_err(|e| anyhow!("endpoint: {e}"))?,
             ),
-            kubernetes_version: DEFAULT_KUBERNETES_VERSION
+            // The image's release, so that the config says what runs.
+            kubernetes_version: kube
+                .as_ref()
+                .filter(|k| k.present)
+                .and_then(|k| k.version.clone())
+                .unwrap_or_else(|| DEFAULT_KUBERNETES_VERSION.to_owned())
                 .parse()
                 .map_err(|e| anyhow!("kubernetes version: {e}"))?,
             install_disk: None,
@@ -235,12 +291,23 @@ impl Create {
                 mode: SECRET,
             });
             let node_dir = dir.join(&host);
+            let controlplane = roles.contains(&Role::Controlplane);
             nodes.push(NodeState {
                 name: host,
                 roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
                 ip,
                 api_port: free_port()?,
                 etcd_port: free_port()?,
+                k8s_port: if controlplane && has_kube {
+                    Some(free_port()?)
+                } else {
+                    None
+                },
+                memory_mib: if controlplane {
+                    cp_memory
+                } else {
+                    self.memory_workers
+                },
                 config: cfg_path,
                 console: node_dir.join("console.log"),
                 disk: node_dir.join("disk.raw"),
@@ -255,6 +322,11 @@ impl Create {
             ca: bundle.os_ca.crt.clone(),
             crt: admin.cert_pem,
             key: admin.key_pem,
+            // The endpoint in the configs (10.5.0.10:6443) is on the
+            // private network; this host reaches the first control plane's
+            // API server through its forwarded port (127.0.0.1 is in every
+            // API server certificate).
+            kubernetes_endpoint: nodes.iter().find_map(NodeState::k8s_endpoint),
         };
         let cluster_osconfig = dir.join("osconfig");
         out.push(OutFile {
@@ -286,13 +358,14 @@ impl Create {
                     "console=ttyS0 panic=-1 quiet{slot_arg} ip={}:::255.255.255.0:{}:eth0:off ip=10.0.2.15:::255.255.255.0::eth1:off machined.token={token}",
                     n.ip, n.name
                 ),
-                memory_mib: self.memory,
+                memory_mib: n.memory_mib,
                 cpus: self.cpus,
                 accel,
                 mcast: mcast.clone(),
                 mac: format!("52:54:00:05:00:{:02x}", 10 + i),
                 api_port: n.api_port,
                 etcd_port: n.etcd_port,
+                k8s_port: n.k8s_port,
                 console: n.console.clone(),
                 pidfile: n.pidfile.clone(),
             };
@@ -316,6 +389,7 @@ impl Create {
                 .clone()
                 .or_else(crate::client::default_osconfig_path)
                 .ok_or_else(|| anyhow!("no HOME: pass --osconfig"))?,
+            kubernetes: kube.as_ref().map(|k| k.note.clone()),
             nodes: nodes.clone(),
         };
         state.save(&dir)?;
@@ -329,7 +403,8 @@ impl Create {
         }
 
         let limit = Duration::from_secs(self.wait);
-        let result = super::drive::configure(&p, &state, &token, &context, limit);
+        let kube_ca = has_kube.then_some(bundle.kubernetes_ca.crt.as_str());
+        let result = super::drive::configure(&p, &state, &token, &context, kube_ca, limit);
         if let Err(e) = result {
             eprintln!("\ncluster {} did not come up: {e:#}", name.0);
             eprintln!("the VMs are left running for inspection; consoles:");
@@ -371,8 +446,22 @@ impl Create {
         } else {
             format!(" --osconfig {}", state.osconfig.display())
         };
+        let kubectl = if has_kube {
+            let kubectl = self
+                .kubernetes_dir
+                .as_ref()
+                .map(|d| d.join("kubectl").display().to_string())
+                .unwrap_or_else(|| "kubectl".into());
+            format!(
+                "\n  osctl kubeconfig --context {n}{file} {kc}\n  {kubectl} --kubeconfig {kc} get --raw /readyz",
+                n = name.0,
+                kc = dir.join("kubeconfig").display()
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "\nTry:\n  osctl health --context {n}{file}\n  osctl etcd members --context {n}{file} -n {first}\n  osctl boot --context {n}{file}\n  osctl cluster show --name {n}\n  osctl cluster destroy --name {n}",
+            "\nTry:\n  osctl health --context {n}{file}\n  osctl etcd members --context {n}{file} -n {first}\n  osctl boot --context {n}{file}{kubectl}\n  osctl cluster show --name {n}\n  osctl cluster destroy --name {n}",
             n = name.0,
             first = state.nodes[0].endpoint()
         );
@@ -402,19 +491,17 @@ impl Create {
             profile.display(),
             imager.display()
         ));
-        let status = Command::new(&imager)
-            .arg("build")
-            .arg(&profile)
-            .arg("-o")
-            .arg(&out)
-            .stdout(Stdio::null())
-            .status()
-            .with_context(|| {
-                format!(
-                    "running {} (install it beside osctl, or pass --image)",
-                    imager.display()
-                )
-            })?;
+        let mut cmd = Command::new(&imager);
+        cmd.arg("build").arg(&profile).arg("-o").arg(&out);
+        if let Some(k) = &self.kubernetes_dir {
+            cmd.arg("--kubernetes-dir").arg(k);
+        }
+        let status = cmd.stdout(Stdio::null()).status().with_context(|| {
+            format!(
+                "running {} (install it beside osctl, or pass --image)",
+                imager.display()
+            )
+        })?;
         if !status.success() {
             bail!("imager build {} failed (see above)", profile.display());
         }

@@ -1,6 +1,8 @@
 //! `osctl cluster create`, once the VMs run: configure every node through
 //! maintenance mode, bootstrap etcd on the first, and wait until every
-//! node is healthy and etcd has every member. It calls the node verbs'
+//! node is healthy, etcd has every member and, when the image has
+//! Kubernetes, every control plane's API server answers `/readyz` through
+//! its forwarded port. It calls the node verbs'
 //! own functions (`apply-config --insecure`, `version`, `bootstrap`,
 //! `health`, `etcd members`) in this process and reads their typed
 //! results.
@@ -168,8 +170,10 @@ pub fn configure(
     st: &ClusterState,
     token: &str,
     context: &OsContext,
+    kube_ca: Option<&str>,
     limit: Duration,
 ) -> Result<()> {
+    let kube_tls = kube_ca.map(readyz_tls).transpose()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -183,6 +187,7 @@ pub fn configure(
             mutual: Arc::new(client::tls_config(&Trust::Mutual(Box::new(
                 context.clone(),
             )))?),
+            kube_tls,
         }
         .run(token),
     )
@@ -194,6 +199,8 @@ struct Driver<'a> {
     deadline: Instant,
     /// The cluster's admin identity.
     mutual: Arc<ClientConfig>,
+    /// Anonymous TLS trusting the cluster's Kubernetes CA, for `/readyz`.
+    kube_tls: Option<Arc<ClientConfig>>,
 }
 
 impl Driver<'_> {
@@ -281,6 +288,24 @@ impl Driver<'_> {
             "etcd has {want} member{}",
             if want == 1 { "" } else { "s" }
         ));
+
+        if let Some(tls) = &self.kube_tls {
+            for n in &self.st.nodes {
+                let Some(port) = n.k8s_port else { continue };
+                wait_on(
+                    &mut watch,
+                    &n.name,
+                    Duration::from_secs(300).min(self.left()),
+                    || readyz(port, tls.clone()),
+                )
+                .await
+                .with_context(|| format!("the Kubernetes API of {} (127.0.0.1:{port})", n.name))?;
+                p.step(format!(
+                    "{}: Kubernetes API ready (/readyz ok through 127.0.0.1:{port})",
+                    n.name
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -386,6 +411,63 @@ impl Driver<'_> {
             tokio::time::sleep(backoff.next_delay()).await;
         }
     }
+}
+
+/// TLS for the API server's health endpoints from this host: the cluster's
+/// Kubernetes CA, no client certificate (anonymous requests may read
+/// `/livez`, `/readyz` and `/healthz`), HTTP/1.1.
+fn readyz_tls(ca: &str) -> Result<Arc<ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in machine_api::pki::pem::certs_from_pem(ca).context("the Kubernetes CA")? {
+        roots.add(c).context("the Kubernetes CA")?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .context("TLS versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// `GET /readyz` on 127.0.0.1:`port`, the certificate checked for
+/// 127.0.0.1. Anything but `200` is a state to wait out.
+async fn readyz(port: u16, tls: Arc<ClientConfig>) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let not_yet = |what: String| anyhow::Error::new(NotYet(what));
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| not_yet(format!("Kubernetes API: {e}")))?;
+        let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let mut s = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| match e.kind() {
+                // QEMU's forward accepts and closes while nothing listens.
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+                    not_yet("Kubernetes API not serving yet".into())
+                }
+                _ => anyhow!("Kubernetes API TLS: {e}"),
+            })?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf);
+        let status = text.lines().next().unwrap_or_default();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+        if status.split_whitespace().nth(1) == Some("200") {
+            Ok(())
+        } else {
+            let last = body.lines().rev().take(3).collect::<Vec<_>>().join("; ");
+            Err(not_yet(format!("Kubernetes API /readyz: {status} {last}")))
+        }
+    };
+    tokio::time::timeout(CALL_TIMEOUT, attempt)
+        .await
+        .map_err(|_| not_yet("Kubernetes API /readyz timed out".into()))?
 }
 
 #[cfg(test)]

@@ -73,6 +73,13 @@ pub struct NodeState {
     pub api_port: u16,
     /// 127.0.0.1 port forwarded to the node's etcd client port (2379).
     pub etcd_port: u16,
+    /// 127.0.0.1 port forwarded to the node's kube-apiserver (6443), on
+    /// control-plane nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_port: Option<u16>,
+    /// Memory of its VM in MiB.
+    #[serde(default)]
+    pub memory_mib: u32,
     pub config: PathBuf,
     pub console: PathBuf,
     pub disk: PathBuf,
@@ -84,6 +91,10 @@ pub struct NodeState {
 impl NodeState {
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.api_port)
+    }
+    /// The Kubernetes API through the forwarded port.
+    pub fn k8s_endpoint(&self) -> Option<String> {
+        self.k8s_port.map(|p| format!("https://127.0.0.1:{p}"))
     }
     pub fn pid(&self) -> Option<u32> {
         qemu::read_pid(&self.pidfile).filter(|p| qemu::is_qemu(*p))
@@ -99,6 +110,10 @@ pub struct ClusterState {
     pub network: String,
     pub mcast: String,
     pub osconfig: PathBuf,
+    /// What the image says about its Kubernetes binaries (the manifest's
+    /// note), when it says anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<String>,
     pub nodes: Vec<NodeState>,
 }
 
@@ -147,18 +162,29 @@ impl Show {
             st.network,
             dir.display()
         );
+        if let Some(k) = &st.kubernetes {
+            println!("kubernetes: {k}");
+        }
         println!(
-            "{:<14} {:<18} {:<12} {:<17} {:<17} {:<8} CONSOLE",
-            "NODE", "ROLES", "IP", "OS API", "ETCD", "VM"
+            "{:<14} {:<18} {:<12} {:<17} {:<17} {:<17} {:<7} {:<10} CONSOLE",
+            "NODE", "ROLES", "IP", "OS API", "ETCD", "KUBERNETES API", "MEMORY", "VM"
         );
         for n in &st.nodes {
             println!(
-                "{:<14} {:<18} {:<12} {:<17} {:<17} {:<8} {}",
+                "{:<14} {:<18} {:<12} {:<17} {:<17} {:<17} {:<7} {:<10} {}",
                 n.name,
                 n.roles.join(","),
                 n.ip,
                 n.endpoint(),
                 format!("127.0.0.1:{}", n.etcd_port),
+                n.k8s_port
+                    .map(|p| format!("127.0.0.1:{p}"))
+                    .unwrap_or_else(|| "-".into()),
+                if n.memory_mib > 0 {
+                    format!("{}M", n.memory_mib)
+                } else {
+                    "-".into()
+                },
                 match n.pid() {
                     Some(p) => format!("pid {p}"),
                     None => "stopped".into(),
@@ -171,6 +197,13 @@ impl Show {
             st.osconfig.display(),
             st.name
         );
+        if st.nodes.iter().any(|n| n.k8s_port.is_some()) {
+            println!(
+                "osctl kubeconfig --osconfig {} --context {} PATH   (server: the first control plane's forwarded port)",
+                st.osconfig.display(),
+                st.name
+            );
+        }
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -5,7 +5,8 @@
 //!   multicast group bound to loopback, so VMs of one cluster share an L2
 //!   segment that no host interface is part of;
 //! - eth1 on QEMU user networking, with only the OS API and etcd client
-//!   ports forwarded to 127.0.0.1, for osctl and etcdctl on this host.
+//!   ports (and a control plane's Kubernetes API port, 6443) forwarded to
+//!   127.0.0.1, for osctl, etcdctl and kubectl on this host.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -130,6 +131,8 @@ pub struct VmSpec {
     pub mac: String,
     pub api_port: u16,
     pub etcd_port: u16,
+    /// 127.0.0.1 port forwarded to the node's kube-apiserver (6443).
+    pub k8s_port: Option<u16>,
     pub console: PathBuf,
     pub pidfile: PathBuf,
 }
@@ -170,8 +173,12 @@ impl VmSpec {
             .args([
                 "-netdev",
                 &format!(
-                    "user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:{}-:50000,hostfwd=tcp:127.0.0.1:{}-:2379",
-                    self.api_port, self.etcd_port
+                    "user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:{}-:50000,hostfwd=tcp:127.0.0.1:{}-:2379{}",
+                    self.api_port,
+                    self.etcd_port,
+                    self.k8s_port
+                        .map(|p| format!(",hostfwd=tcp:127.0.0.1:{p}-:6443"))
+                        .unwrap_or_default()
                 ),
                 "-device",
                 "virtio-net-pci,netdev=host",
@@ -311,6 +318,7 @@ mod tests {
             mac: "52:54:00:05:00:0a".into(),
             api_port: 51000,
             etcd_port: 52000,
+            k8s_port: Some(53000),
             console: "console.log".into(),
             pidfile: "vm.pid".into(),
         };
@@ -326,6 +334,10 @@ mod tests {
         );
         assert!(
             joined.contains("hostfwd=tcp:127.0.0.1:51000-:50000"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("hostfwd=tcp:127.0.0.1:53000-:6443"),
             "{joined}"
         );
         assert!(joined.contains("-accel tcg"), "{joined}");
