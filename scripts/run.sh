@@ -17,7 +17,8 @@
 #   4. destroy it (KEEP_RUNNING=1 leaves it up for you to explore).
 # Without Go (no Kubernetes build) the cluster runs etcd and containerd
 # only, and step 3 says so. Under TCG (no KVM) on 2 cores, 3 control planes
-# take about 10 minutes to /readyz, 1 (CONTROLPLANES=1) about 2.5.
+# take 4 to 15 minutes to /readyz (depending on what else the host does),
+# 1 (CONTROLPLANES=1) 1.5 to 2.5.
 # Everything lives under _out/ (OUT=DIR to change). scripts/run-host.sh is
 # the same flow with machined in host mode, without VMs.
 set -euo pipefail
@@ -26,7 +27,8 @@ export EXTRA_APT_PACKAGES="qemu-system-x86 ovmf etcd-client ${EXTRA_APT_PACKAGES
 source scripts/setup.sh
 cargo build --release -p osctl -p machined -p imager --bins
 osctl=$PWD/target/release/osctl
-out=$PWD/${OUT:-_out}
+out=${OUT:-_out}
+case $out in /*) ;; *) out=$PWD/$out ;; esac
 name=${CLUSTER_NAME:-demo}
 export OSCTL_CLUSTERS=$out/clusters
 export OSCONFIG=$out/osconfig

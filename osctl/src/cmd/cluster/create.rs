@@ -65,7 +65,7 @@ pub struct Create {
     #[arg(long, value_name = "FILE")]
     pub osconfig: Option<PathBuf>,
     /// Give up waiting for the cluster after this many seconds (3 control
-    /// planes with Kubernetes take about 10 minutes under TCG on 2 cores).
+    /// planes with Kubernetes take 4 to 15 minutes under TCG on 2 cores).
     #[arg(long, default_value_t = 1200)]
     pub wait: u64,
 }
