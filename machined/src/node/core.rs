@@ -202,8 +202,23 @@ impl Node {
         };
         match specs {
             Ok((s, problems)) => {
-                for p in problems {
-                    self.note(format!("cannot start services: {p}"));
+                let texts: Vec<String> = problems
+                    .iter()
+                    .map(|p| format!("cannot start services: {p}"))
+                    .collect();
+                let changed = self
+                    .role_problems
+                    .lock()
+                    .map(|mut known| {
+                        let changed = *known != texts;
+                        *known = texts.clone();
+                        changed
+                    })
+                    .unwrap_or(true);
+                if changed {
+                    for t in texts {
+                        self.note(t);
+                    }
                 }
                 self.supervisor.reconcile(s).await
             }

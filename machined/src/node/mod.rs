@@ -168,6 +168,10 @@ pub struct Node {
     facts: std::sync::RwLock<Facts>,
     /// The last thing worth telling (rollback, reconcile error).
     last_event: std::sync::Mutex<Option<String>>,
+    /// The roles that could not start at the last reconcile: noted once
+    /// when they change, so a later event (a rollback) is not buried under
+    /// the same problem repeated at every reconcile.
+    role_problems: std::sync::Mutex<Vec<String>>,
     started: Instant,
 }
 
@@ -216,6 +220,7 @@ impl Node {
             inbox: std::sync::Mutex::new(Some(inbox)),
             control,
             last_event: std::sync::Mutex::new(None),
+            role_problems: std::sync::Mutex::new(Vec::new()),
             started: Instant::now(),
         })
     }
