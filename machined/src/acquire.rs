@@ -176,7 +176,7 @@ async fn fetch_url(url: &str, pin: Option<&str>, extra_ca: &Path) -> Result<Stri
                 match client.get(url).send().await {
                     Ok(r) if r.status().is_success() => Ok(r),
                     Ok(r) => Err(format!("HTTP {}", r.status())),
-                    Err(e) => Err(error_chain(&e)),
+                    Err(e) => Err(crate::node::chain(&e)),
                 }
             },
             |last, _| !last.contains("invalid peer certificate"),
@@ -210,22 +210,6 @@ async fn fetch_url(url: &str, pin: Option<&str>, extra_ca: &Path) -> Result<Stri
         }
     }
     gunzip_if_needed(body).map_err(err)
-}
-
-/// An error with its causes ("error sending request" alone does not say
-/// that the server's certificate was not trusted).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -179,8 +179,27 @@ fn invalid_configs_are_refused_by_the_node_and_change_nothing() {
 /// ApplyConfiguration through tonic's own TLS stack (not osctl's), so the
 /// node's validation is tested without the client's.
 fn raw_apply(files: &ClusterFiles, ip: &str, data: Vec<u8>) -> tonic::Status {
-    use machine_api::proto::machine_service_client::MachineServiceClient;
     use machine_api::proto::ApplyConfigurationRequest;
+    with_client(files, ip, |mut c| async move {
+        c.apply_configuration(ApplyConfigurationRequest {
+            data,
+            ..Default::default()
+        })
+        .await
+        .expect_err("the node accepted an invalid config")
+    })
+}
+
+/// Runs `f` with a MachineService client over mutual TLS with the
+/// cluster's osconfig identity (no osctl in between).
+fn with_client<T, F, Fut>(files: &ClusterFiles, ip: &str, f: F) -> T
+where
+    F: FnOnce(
+        machine_api::proto::machine_service_client::MachineServiceClient<tonic::transport::Channel>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    use machine_api::proto::machine_service_client::MachineServiceClient;
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let osconfig = OsConfig::parse(&std::fs::read_to_string(files.osconfig()).unwrap()).unwrap();
     let ctx = &osconfig.contexts[&osconfig.context];
@@ -200,13 +219,7 @@ fn raw_apply(files: &ClusterFiles, ip: &str, data: Vec<u8>) -> tonic::Status {
             .connect()
             .await
             .unwrap();
-        MachineServiceClient::new(ch)
-            .apply_configuration(ApplyConfigurationRequest {
-                data,
-                ..Default::default()
-            })
-            .await
-            .expect_err("the node accepted an invalid config")
+        f(MachineServiceClient::new(ch)).await
     })
 }
 
@@ -215,9 +228,7 @@ fn raw_apply(files: &ClusterFiles, ip: &str, data: Vec<u8>) -> tonic::Status {
 /// carries the whole list in its body.
 #[test]
 fn a_long_problem_list_is_capped_in_the_status_and_whole_in_a_dry_run() {
-    use machine_api::proto::machine_service_client::MachineServiceClient;
     use machine_api::proto::ApplyConfigurationRequest;
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     require!("etcd", "containerd", "runc");
     let tmp = tempfile::tempdir().unwrap();
     let ip = "127.0.2.5";
@@ -229,25 +240,7 @@ fn a_long_problem_list_is_capped_in_the_status_and_whole_in_a_dry_run() {
     }
     let text = base.replacen("machine:\n", &unknown, 1);
     assert_ne!(text, base);
-    let osconfig = OsConfig::parse(&std::fs::read_to_string(files.osconfig()).unwrap()).unwrap();
-    let ctx = &osconfig.contexts[&osconfig.context];
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ctx.ca))
-        .identity(Identity::from_pem(&ctx.crt, &ctx.key))
-        .domain_name(ip);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let ch = Endpoint::from_shared(format!("https://{ip}:50000"))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut c = MachineServiceClient::new(ch);
+    with_client(&files, ip, |mut c| async move {
         let err = c
             .apply_configuration(ApplyConfigurationRequest {
                 data: text.clone().into_bytes(),

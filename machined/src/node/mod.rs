@@ -92,8 +92,10 @@ impl From<plan::Refusal> for NodeError {
     }
 }
 
-/// The error and its causes on one line: `a: b: c`.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// The error and its causes on one line: `a: b: c` ("error sending
+/// request" alone does not say that the server's certificate was not
+/// trusted).
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
