@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use machine_api::config::MachineConfig;
 
 use super::files::KubeFiles;
-use crate::roles::{RoleContext, RoleError};
+use crate::roles::RoleError;
 use crate::supervisor::{PreStart, Progress};
 
 /// CoreDNS' image as the node's containerd knows it (baked into the image,
@@ -33,12 +33,7 @@ pub struct Apply {
 }
 
 impl Apply {
-    pub fn new(
-        cfg: &MachineConfig,
-        _ctx: &RoleContext,
-        files: &KubeFiles,
-        kubectl: &Path,
-    ) -> Result<Self, RoleError> {
+    pub fn new(cfg: &MachineConfig, files: &KubeFiles, kubectl: &Path) -> Result<Self, RoleError> {
         Ok(Apply {
             kubectl: kubectl.to_owned(),
             kubeconfig: files.file("super-admin.conf"),
@@ -80,11 +75,8 @@ impl PreStart for Apply {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        let changed = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.ends_with("serverside-applied") || l.contains("created"))
-            .count();
-        tracing::info!(changed, "bootstrap objects applied");
+        let objects = String::from_utf8_lossy(&out.stdout).lines().count();
+        tracing::info!(objects, "bootstrap objects applied");
         Ok(())
     }
 }

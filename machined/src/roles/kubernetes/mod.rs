@@ -269,7 +269,7 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
         probe(CONTROLLER_MANAGER_PORT, "/healthz")?,
     );
     // The cluster's bootstrap objects, before the controllers act on them.
-    kcm.pre_start = Some(Arc::new(bootstrap::Apply::new(cfg, ctx, &files, &bins[3])?));
+    kcm.pre_start = Some(Arc::new(bootstrap::Apply::new(cfg, &files, &bins[3])?));
     let sched = spec(
         SCHEDULER,
         &bins[2],
