@@ -11,6 +11,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::assemble::{self, elf, modules};
+use crate::container_images::{self, ManifestContainerImage};
 use crate::format::{cpio, fat, gpt_disk, squashfs};
 use crate::kubernetes::{KubeSource, ManifestKubernetes};
 use crate::lock::{rfc2822_to_epoch, Lock, LockedPackage};
@@ -141,6 +142,8 @@ pub struct BuildOptions {
     pub mirror: Option<String>,
     pub machined: PathBuf,
     pub init: PathBuf,
+    /// Our pause binary, for the pod sandbox image.
+    pub pause: PathBuf,
     /// Where the Kubernetes binaries come from ([`crate::kubernetes`]).
     pub kubernetes: KubeSource,
     /// A machine config to bake in (validated first).
@@ -163,6 +166,10 @@ pub struct Manifest {
     pub inputs: Vec<ManifestInput>,
     pub our_binaries: Vec<ManifestFile>,
     pub kubernetes: ManifestKubernetes,
+    /// The container images baked in as OCI archives.
+    pub container_images: Vec<ManifestContainerImage>,
+    /// Which images are there, and why one is missing.
+    pub container_images_note: String,
     pub kernel: ManifestKernel,
     pub outputs: Vec<ManifestOutput>,
 }
@@ -426,7 +433,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             Entry::file(*mode, text.clone().into_bytes()),
         )?;
     }
-    let kubernetes = {
+    let added = {
         // The source build's output lives here until it is read.
         let work = tempfile::tempdir_in(&opts.output)?;
         crate::kubernetes::add(
@@ -437,7 +444,18 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             progress,
         )?
     };
+    let kubernetes = added.manifest;
     progress.step(format!("kubernetes: {}", kubernetes.note));
+    progress.step("container images (OCI archives)");
+    let (container_images, container_images_note) =
+        bake_container_images(opts, &lock, &staging, added.coredns, epoch, &mut image)?;
+    for i in &container_images {
+        progress.step(format!(
+            "container image {} ({} bytes, manifest {})",
+            i.reference, i.size, i.manifest_digest
+        ));
+    }
+    progress.step(format!("container images: {container_images_note}"));
     let added = elf::close(&mut image, &staging)?;
     progress.step(format!(
         "image tree: {} entries, {:.1} MiB, {} libraries added by the ELF closure, {} modules",
@@ -542,8 +560,14 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
                 path: "/init".into(),
                 sha256: sha256_file(&opts.init)?,
             },
+            ManifestFile {
+                path: format!("/pause in {}", machine_api::layout::images::PAUSE),
+                sha256: sha256_file(&opts.pause)?,
+            },
         ],
         kubernetes,
+        container_images,
+        container_images_note,
         kernel: ManifestKernel {
             version: kernel_version,
             cmdline: profile.kernel.cmdline.clone(),
@@ -559,6 +583,68 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     )?;
     progress.step(format!("wrote {}", mpath.display()));
     Ok(manifest)
+}
+
+/// The container images ([`container_images`]) into `image`: pause
+/// always, busybox when the packages have `busybox-static`, CoreDNS when
+/// the Kubernetes binaries came with it. Returns the manifest's records
+/// and a note naming what is missing and why.
+fn bake_container_images(
+    opts: &BuildOptions,
+    lock: &Lock,
+    staging: &Tree,
+    coredns: std::result::Result<crate::kubernetes::CoreDns, String>,
+    epoch: u64,
+    image: &mut Tree,
+) -> Result<(Vec<ManifestContainerImage>, String)> {
+    let mut list = Vec::new();
+    let mut absent = Vec::new();
+    let pause = std::fs::read(&opts.pause).with_context(|| {
+        format!(
+            "our pause binary {} (build it with `cargo build --release -p machined --bins`, or pass --pause)",
+            opts.pause.display()
+        )
+    })?;
+    list.push((
+        container_images::pause(&pause, staging)?,
+        format!("machined's pause ({})", opts.pause.display()),
+    ));
+    match container_images::find_busybox(staging) {
+        Ok(bb) => {
+            let version = lock
+                .packages
+                .iter()
+                .find(|p| p.name == "busybox-static")
+                .map(|p| p.version.as_str())
+                .unwrap_or("?");
+            list.push((
+                container_images::busybox(&bb)?,
+                format!("Debian's busybox-static {version}"),
+            ));
+        }
+        Err(e) => absent.push(format!("busybox ABSENT: {e}")),
+    }
+    match coredns {
+        Ok(c) => list.push((
+            container_images::coredns(&c.data)?,
+            format!("{} ({})", c.from, c.version_check),
+        )),
+        Err(why) => absent.push(format!(
+            "CoreDNS image ABSENT: {why}; the cluster DNS cannot run from this image (give `--kubernetes-dir DIR` from `scripts/build-kubernetes.sh --coredns DIR`)"
+        )),
+    }
+    let baked = container_images::add(image, &list, epoch)?;
+    let names: Vec<&str> = baked.iter().map(|i| i.reference.as_str()).collect();
+    let mut note = format!(
+        "{} baked in /{}",
+        names.join(", "),
+        machine_api::layout::images::DIR
+    );
+    for a in absent {
+        note.push_str("; ");
+        note.push_str(&a);
+    }
+    Ok((baked, note))
 }
 
 /// The raw UEFI disk: ESP (systemd-boot, a boot-counted entry for slot A),

@@ -31,6 +31,16 @@ pub fn inspect(path: &Path) -> Result<()> {
             );
         }
         println!("kubernetes: {}", v["kubernetes"]["note"]);
+        println!("container images: {}", v["containerImagesNote"]);
+        for i in v["containerImages"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<36} {:>12} {} {}",
+                i["ref"].as_str().unwrap_or(""),
+                i["size"],
+                i["manifestDigest"].as_str().unwrap_or(""),
+                i["file"].as_str().unwrap_or("")
+            );
+        }
         println!("outputs:");
         for o in v["outputs"].as_array().into_iter().flatten() {
             println!(

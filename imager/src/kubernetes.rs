@@ -17,6 +17,12 @@
 //! information linked into every Go binary, read without running it; the
 //! build script's `BUILDINFO`) must state the profile's `version`, and
 //! files listed in a directory's `SHA256SUMS` must match it.
+//!
+//! CoreDNS comes along when the source has it: a directory's `coredns`
+//! (`scripts/build-kubernetes.sh --coredns DIR`, which the source build
+//! runs), checked against its `SHA256SUMS`, `BUILDINFO.coredns` and Go
+//! build information, which must state [`images::COREDNS_VERSION`], the
+//! tag imager names its image with. The official tarball has none.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,6 +31,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256, Sha512};
+
+use machine_api::layout::images;
 
 use crate::assemble::elf;
 use crate::build::Progress;
@@ -80,6 +88,24 @@ pub struct ManifestKubeBinary {
     pub version: Option<String>,
 }
 
+/// The CoreDNS binary that came with the Kubernetes binaries, checked.
+#[derive(Debug, Clone)]
+pub struct CoreDns {
+    pub data: Vec<u8>,
+    /// Where it was read from (`DIR/coredns`).
+    pub from: String,
+    /// How its version was checked.
+    pub version_check: String,
+}
+
+/// What [`add`] put in, and the CoreDNS binary for its container image
+/// (or why there is none).
+#[derive(Debug)]
+pub struct Added {
+    pub manifest: ManifestKubernetes,
+    pub coredns: std::result::Result<CoreDns, String>,
+}
+
 /// The official server tarball's address for a release.
 pub fn official_url(version: &str) -> String {
     format!(
@@ -95,7 +121,7 @@ pub fn add(
     source: &KubeSource,
     work: &Path,
     progress: &Progress,
-) -> Result<ManifestKubernetes> {
+) -> Result<Added> {
     let Some(k) = &profile.kubernetes else {
         return Ok(absent(
             None,
@@ -123,6 +149,7 @@ pub fn add(
                 from: t.clone(),
                 stated: Vec::new(),
                 build_info: None,
+                coredns: Err("the official server tarball has no CoreDNS".into()),
             }
         }
         KubeSource::Source(module) => {
@@ -205,28 +232,34 @@ pub fn add(
         },
         got.from
     );
-    Ok(ManifestKubernetes {
-        present: true,
-        version: Some(k.version.clone()),
-        source: got.source.into(),
-        from: got.from,
-        version_check,
-        build_info: got.build_info,
-        binaries: files,
-        note,
+    Ok(Added {
+        manifest: ManifestKubernetes {
+            present: true,
+            version: Some(k.version.clone()),
+            source: got.source.into(),
+            from: got.from,
+            version_check,
+            build_info: got.build_info,
+            binaries: files,
+            note,
+        },
+        coredns: got.coredns,
     })
 }
 
-fn absent(k: Option<&Kubernetes>, note: String) -> ManifestKubernetes {
-    ManifestKubernetes {
-        present: false,
-        version: k.map(|k| k.version.clone()),
-        source: "none".into(),
-        from: String::new(),
-        version_check: String::new(),
-        build_info: None,
-        binaries: vec![],
-        note,
+fn absent(k: Option<&Kubernetes>, note: String) -> Added {
+    Added {
+        manifest: ManifestKubernetes {
+            present: false,
+            version: k.map(|k| k.version.clone()),
+            source: "none".into(),
+            from: String::new(),
+            version_check: String::new(),
+            build_info: None,
+            binaries: vec![],
+            note,
+        },
+        coredns: Err("the image has no Kubernetes binaries".into()),
     }
 }
 
@@ -239,6 +272,8 @@ struct Got {
     stated: Vec<String>,
     /// The main lines of the build script's BUILDINFO.
     build_info: Option<String>,
+    /// CoreDNS, when the source has it (else why not).
+    coredns: std::result::Result<CoreDns, String>,
 }
 
 /// The documented order without flags. Ok(Err(why)) when no source is
@@ -260,6 +295,7 @@ fn auto(
                     from: url,
                     stated: Vec::new(),
                     build_info: None,
+                    coredns: Err("the official server tarball has no CoreDNS".into()),
                 }));
             }
             Err(OfficialError::Refused(e)) => return Err(e),
@@ -429,7 +465,10 @@ fn source_build(
         script.display()
     ));
     let mut cmd = Command::new("bash");
-    cmd.arg(script).arg(&out).stdin(Stdio::null());
+    cmd.arg(script)
+        .arg("--coredns")
+        .arg(&out)
+        .stdin(Stdio::null());
     let output = if progress.is_quiet() {
         cmd.output()
     } else {
@@ -529,7 +568,69 @@ fn from_dir(k: &Kubernetes, dir: &Path, source: &'static str) -> Result<Got> {
         from: dir.display().to_string(),
         stated,
         build_info,
+        coredns: coredns_from_dir(dir, &listed)?,
     })
+}
+
+/// `DIR/coredns`, checked: its `SHA256SUMS` line, the `version=` of
+/// `BUILDINFO.coredns` and its Go build information must agree with
+/// [`images::COREDNS_VERSION`] (the image's tag), and at least one of the
+/// last two must state it. Ok(Err(why)) when the directory has none.
+fn coredns_from_dir(
+    dir: &Path,
+    listed: &dyn Fn(&str) -> Option<String>,
+) -> Result<std::result::Result<CoreDns, String>> {
+    let path = dir.join("coredns");
+    let Ok(data) = std::fs::read(&path) else {
+        return Ok(Err(format!(
+            "{} has no coredns (scripts/build-kubernetes.sh --coredns DIR builds it)",
+            dir.display()
+        )));
+    };
+    let want = images::COREDNS_VERSION;
+    let shown = path.display();
+    let mut checks = Vec::new();
+    match elf::needs(&data) {
+        None => bail!("{shown} is not an ELF executable"),
+        Some(n) if n.interpreter.is_some() || !n.libraries.is_empty() => {
+            bail!("{shown} is dynamically linked ({n:?}); its image holds only the binary: build it static (CGO_ENABLED=0, as scripts/build-kubernetes.sh does)")
+        }
+        Some(_) => {}
+    }
+    if let Some(sum) = listed("coredns") {
+        let got = hex::encode(Sha256::digest(&data));
+        if got != sum {
+            bail!("{shown} has sha256 {got}, its SHA256SUMS says {sum}: refusing it");
+        }
+        checks.push("matches SHA256SUMS".to_owned());
+    }
+    let mut stated = false;
+    if let Ok(info) = std::fs::read_to_string(dir.join("BUILDINFO.coredns")) {
+        if let Some(v) = info.lines().find_map(|l| l.strip_prefix("version=")) {
+            if v.trim() != want {
+                bail!("{}: BUILDINFO.coredns says CoreDNS {}, but imager names its image {}: refusing it (build CoreDNS {want})", dir.display(), v.trim(), images::COREDNS);
+            }
+            stated = true;
+            checks.push(format!("{want} stated by BUILDINFO.coredns"));
+        }
+    }
+    if let Some(v) =
+        go_modinfo(&data).and_then(|m| go_module_version(&m, "github.com/coredns/coredns"))
+    {
+        if v != want {
+            bail!("{shown} is CoreDNS {v} (its Go build information says so), but imager names its image {}: refusing it (build CoreDNS {want})", images::COREDNS);
+        }
+        stated = true;
+        checks.push(format!("{want} stated by its Go build information"));
+    }
+    if !stated {
+        bail!("{shown} states no CoreDNS version (no BUILDINFO.coredns, no Go build information): cannot name its image {}", images::COREDNS);
+    }
+    Ok(Ok(CoreDns {
+        data,
+        from: shown.to_string(),
+        version_check: checks.join("; "),
+    }))
 }
 
 /// The binaries of the official server tarball, after checking it against
@@ -662,10 +763,16 @@ pub fn kubernetes_version(modinfo: &str) -> Option<String> {
             }
         }
     }
+    go_module_version(modinfo, "k8s.io/kubernetes")
+}
+
+/// The version of `module` a binary was built from (its `mod` or `dep`
+/// line; a replacement on the next line wins). None for `(devel)`.
+pub fn go_module_version(modinfo: &str, module: &str) -> Option<String> {
     let lines: Vec<&str> = modinfo.lines().collect();
     for (i, line) in lines.iter().enumerate() {
         let f: Vec<&str> = line.split('\t').collect();
-        if f.len() >= 3 && (f[0] == "mod" || f[0] == "dep") && f[1] == "k8s.io/kubernetes" {
+        if f.len() >= 3 && (f[0] == "mod" || f[0] == "dep") && f[1] == module {
             // A replacement (`=>` on the next line) is what was built.
             let version = match lines.get(i + 1).map(|l| l.split('\t').collect::<Vec<_>>()) {
                 Some(r) if r.first() == Some(&"=>") => r.get(2).copied().unwrap_or("(devel)"),

@@ -1,9 +1,11 @@
 pub mod assemble;
 pub mod build;
+pub mod container_images;
 pub mod format;
 pub mod inspect;
 pub mod kubernetes;
 pub mod lock;
+pub mod oci;
 pub mod profile;
 pub mod source;
 pub mod tree;

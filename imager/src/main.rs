@@ -44,6 +44,10 @@ enum Command {
         /// Our init binary (default: target/release/init, likewise).
         #[arg(long)]
         init: Option<PathBuf>,
+        /// Our pause binary, the pod sandbox image's program (default:
+        /// target/release/pause, likewise).
+        #[arg(long)]
+        pause: Option<PathBuf>,
         /// Directory with kube-apiserver, kubelet, ... for the image (e.g.
         /// `scripts/build-kubernetes.sh DIR`). Its SHA256SUMS and BUILDINFO,
         /// when present, and each binary's Go build information must agree
@@ -98,7 +102,7 @@ enum Command {
     },
 }
 
-/// Our binaries when --machined/--init are not given: the workspace's
+/// Our binaries when --machined/--init/--pause are not given: the workspace's
 /// release build (built now with cargo when missing and we are in the
 /// workspace), else the ones beside this imager.
 fn default_bin(name: &str) -> PathBuf {
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
             mirror,
             machined,
             init,
+            pause,
             kubernetes_dir,
             kubernetes_tarball,
             kubernetes_source,
@@ -146,6 +151,7 @@ fn main() -> ExitCode {
                 mirror,
                 machined: machined.unwrap_or_else(|| default_bin("machined")),
                 init: init.unwrap_or_else(|| default_bin("init")),
+                pause: pause.unwrap_or_else(|| default_bin("pause")),
                 kubernetes: match (kubernetes_dir, kubernetes_tarball, kubernetes_source) {
                     _ if no_kubernetes => KubeSource::None,
                     (Some(d), _, _) => KubeSource::Dir(d),
@@ -173,6 +179,15 @@ fn main() -> ExitCode {
                 } else {
                     println!("note: {}", m.kubernetes.note);
                 }
+                for i in &m.container_images {
+                    println!(
+                        "image      {:>12}  {}  {}",
+                        i.size,
+                        &i.manifest_digest[..23.min(i.manifest_digest.len())],
+                        i.reference
+                    );
+                }
+                println!("container images: {}", m.container_images_note);
             })
         }
         Command::Lock { profile, mirror } => build::lock(&profile, mirror.as_deref(), &progress)

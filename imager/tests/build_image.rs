@@ -31,7 +31,7 @@ fn imager(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// machined and init, built by the workspace build that precedes the tests.
+/// machined, init and pause, built by the workspace build that precedes the tests.
 fn our_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
@@ -95,6 +95,8 @@ fn built() -> Option<&'static (PathBuf, tempfile::TempDir)> {
                 our_bin("machined").to_str().unwrap(),
                 "--init",
                 our_bin("init").to_str().unwrap(),
+                "--pause",
+                our_bin("pause").to_str().unwrap(),
                 // Kubernetes is the source build's business (its own tests).
                 "--no-kubernetes",
             ]);
@@ -149,9 +151,35 @@ fn initramfs_reads_back_with_cpio() {
         !list.lines().any(|l| l.starts_with("usr/share/doc")),
         "docs were not filtered"
     );
+    // The baked container images; busybox only inside its archive: the
+    // root has no shell.
+    for want in ["index.json", "pause-1.tar", "busybox-1.tar"] {
+        let p = format!("{}/{want}", layout::images::DIR);
+        assert!(
+            list.lines().any(|l| l == p),
+            "{p} missing from the initramfs"
+        );
+    }
+    assert!(
+        !list
+            .lines()
+            .any(|l| l.ends_with("/busybox") || l.ends_with("bin/sh")),
+        "a shell in the root"
+    );
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["kubernetes"]["present"], false);
+    let images: Vec<&str> = manifest["containerImages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["ref"].as_str().unwrap())
+        .collect();
+    assert_eq!(images, [layout::images::PAUSE, layout::images::BUSYBOX]);
+    assert!(manifest["containerImagesNote"]
+        .as_str()
+        .unwrap()
+        .contains("CoreDNS image ABSENT"));
     assert!(manifest["kubernetes"]["note"]
         .as_str()
         .unwrap()
@@ -266,6 +294,8 @@ fn same_profile_and_lock_build_byte_identical_outputs() {
         our_bin("machined").to_str().unwrap(),
         "--init",
         our_bin("init").to_str().unwrap(),
+        "--pause",
+        our_bin("pause").to_str().unwrap(),
         "--no-kubernetes",
     ]);
     assert!(ok, "{text}");
@@ -305,6 +335,8 @@ fn a_lock_that_no_longer_matches_is_refused() {
         our_bin("machined").to_str().unwrap(),
         "--init",
         our_bin("init").to_str().unwrap(),
+        "--pause",
+        our_bin("pause").to_str().unwrap(),
         "--no-kubernetes",
     ]);
     assert!(!ok);
@@ -344,6 +376,8 @@ fn a_missing_library_fails_naming_binary_library_and_package() {
         our_bin("machined").to_str().unwrap(),
         "--init",
         our_bin("init").to_str().unwrap(),
+        "--pause",
+        our_bin("pause").to_str().unwrap(),
         "--no-kubernetes",
     ]);
     assert!(!ok);

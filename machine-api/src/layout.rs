@@ -184,6 +184,57 @@ pub mod artifact {
     pub const DISK_SUFFIX: &str = "-disk.raw";
 }
 
+/// Container images baked into the image as OCI archives (no registry is
+/// reachable from a node): imager writes them, with an [`images::INDEX`]
+/// listing them, under [`images::DIR`]; machined imports them into
+/// containerd's `k8s.io` namespace before kubelet needs them. The names
+/// are under `localhost/` because these are our builds, not the
+/// upstream registries' bytes.
+pub mod images {
+    use serde::{Deserialize, Serialize};
+
+    /// Where the archives and their index are, relative to the root.
+    pub const DIR: &str = "usr/lib/machined/images";
+    /// The index of the archives in [`DIR`]: a JSON array of
+    /// [`IndexEntry`].
+    pub const INDEX: &str = "index.json";
+    /// The pod sandbox (machined's `pause` program).
+    pub const PAUSE: &str = "localhost/node-os/pause:1";
+    /// CoreDNS, built from its Go module by `scripts/build-kubernetes.sh
+    /// --coredns` (present when the Kubernetes binaries came with it).
+    pub const COREDNS: &str = "localhost/node-os/coredns:v1.13.1";
+    /// The CoreDNS release [`COREDNS`] holds (its tag).
+    pub const COREDNS_VERSION: &str = "v1.13.1";
+    /// A test workload: Debian's `busybox-static` and a few applets.
+    pub const BUSYBOX: &str = "localhost/node-os/busybox:1";
+    /// The label (key, value) that keeps kubelet's image garbage collection
+    /// away from an image (containerd's CRI plugin, 1.7 and later).
+    pub const PINNED_LABEL: (&str, &str) = ("io.cri-containerd.pinned", "pinned");
+
+    /// One archive of [`INDEX`].
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct IndexEntry {
+        /// The image reference it is imported as (e.g. [`PAUSE`]).
+        #[serde(rename = "ref")]
+        pub reference: String,
+        /// The archive's file name in [`DIR`].
+        pub file: String,
+        /// `sha256:...` of the image manifest: the image's identity, the
+        /// same whatever the archive around it.
+        pub manifest_digest: String,
+        /// The archive's size in bytes.
+        pub size: u64,
+    }
+
+    /// The archive file name for `reference`: its last path component,
+    /// `:` made `-` (`localhost/node-os/pause:1` -> `pause-1.tar`).
+    pub fn archive_file(reference: &str) -> String {
+        let name = reference.rsplit('/').next().unwrap_or(reference);
+        format!("{}.tar", name.replace([':', '@'], "-"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +296,35 @@ mod tests {
                 "qemu-boot-initrd.cpio.zst",
                 "qemu-disk.raw"
             ]
+        );
+    }
+
+    #[test]
+    fn baked_image_names_are_pinned() {
+        use images::*;
+        assert_eq!(DIR, "usr/lib/machined/images");
+        assert_eq!(INDEX, "index.json");
+        assert_eq!(
+            [PAUSE, COREDNS, BUSYBOX],
+            [
+                "localhost/node-os/pause:1",
+                "localhost/node-os/coredns:v1.13.1",
+                "localhost/node-os/busybox:1"
+            ]
+        );
+        assert!(COREDNS.ends_with(&format!(":{COREDNS_VERSION}")));
+        assert_eq!(archive_file(PAUSE), "pause-1.tar");
+        assert_eq!(archive_file(COREDNS), "coredns-v1.13.1.tar");
+        let e = IndexEntry {
+            reference: PAUSE.into(),
+            file: archive_file(PAUSE),
+            manifest_digest: "sha256:00".into(),
+            size: 1,
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            r#"{"ref":"localhost/node-os/pause:1","file":"pause-1.tar","manifestDigest":"sha256:00","size":1}"#
         );
     }
 

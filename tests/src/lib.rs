@@ -405,6 +405,7 @@ pub fn build_qemu_image_with(out: &Path, extra: &[&std::ffi::OsStr]) -> Option<P
         .arg(out)
         .args(["--machined", bin("machined").to_str().unwrap()])
         .args(["--init", bin("init").to_str().unwrap()])
+        .args(["--pause", bin("pause").to_str().unwrap()])
         .args(if kube_flag {
             None
         } else {
