@@ -5,6 +5,7 @@
 pub mod containerd;
 pub mod etcd;
 pub mod etcd_client;
+pub mod images;
 pub mod kubernetes;
 
 use std::net::IpAddr;
