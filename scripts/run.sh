@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: a local cluster of real nodes in QEMU, end to end.
 #   1. build osctl, machined, init and imager (release), and Kubernetes
-#      v1.35.4 from its Go modules (scripts/build-kubernetes.sh; cached,
-#      a warm run takes seconds) into _out/kubernetes;
+#      v1.35.4 and CoreDNS from their Go modules (scripts/build-kubernetes.sh
+#      --coredns; cached, a warm run takes seconds) into _out/kubernetes,
+#      so the image bakes the CoreDNS container image too;
 #   2. `osctl cluster create`: bake the qemu image from the locked, verified
 #      packages and those binaries, boot CONTROLPLANES VMs (default 3) on a
 #      private network, generate the PKI and configs, apply them through
@@ -39,7 +40,7 @@ step() { printf '\n==> %s\n' "$*"; }
 step "Kubernetes from its Go modules (scripts/build-kubernetes.sh)"
 kube_args=()
 kubectl=
-if scripts/build-kubernetes.sh "$out/kubernetes"; then
+if scripts/build-kubernetes.sh --coredns "$out/kubernetes"; then
   kube_args=(--kubernetes-dir "$out/kubernetes")
   kubectl=$out/kubernetes/kubectl
 else

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # CI=... is kept.
 export CI="${CI:-1}"
 # Real node parts for the integration tests (Debian packages).
-export EXTRA_APT_PACKAGES="etcd-server etcd-client containerd runc qemu-system-x86 ovmf cpio gdisk mtools squashfs-tools dosfstools e2fsprogs zstd curl ${EXTRA_APT_PACKAGES:-}"
+export EXTRA_APT_PACKAGES="etcd-server etcd-client containerd runc qemu-system-x86 ovmf cpio gdisk mtools squashfs-tools dosfstools e2fsprogs zstd curl busybox-static ${EXTRA_APT_PACKAGES:-}"
 source scripts/setup.sh
 # CI builds once: incremental caches would only add gigabytes to target/.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
@@ -22,7 +22,7 @@ fi
 # Kubernetes built from the pinned Go modules, for the control-plane tests
 # (cached outside the work tree, keyed by release and go.sum: a warm run
 # takes seconds, a cold one about 13 minutes on 2 cores).
-scripts/build-kubernetes.sh target/kubernetes
+scripts/build-kubernetes.sh --coredns target/kubernetes
 export KUBE_BIN_DIR="$PWD/target/kubernetes"
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked

@@ -38,9 +38,12 @@ pub struct Create {
     #[arg(long, value_name = "FILE")]
     pub profile: Option<PathBuf>,
     /// The Kubernetes binaries to build the image with (`imager build
-    /// --kubernetes-dir`, e.g. from `scripts/build-kubernetes.sh DIR`).
-    /// Default: imager's order (the official tarball when reachable, else
-    /// the source build).
+    /// --kubernetes-dir`, e.g. from `scripts/build-kubernetes.sh --coredns
+    /// DIR`; without a `coredns` there the image has no CoreDNS image).
+    /// Default: in the workspace, the source build of `kubernetes/` with
+    /// CoreDNS (`imager build --kubernetes-source kubernetes`, cached);
+    /// elsewhere imager's order (the official tarball when reachable, which
+    /// has no CoreDNS, else the source build).
     #[arg(long, value_name = "DIR", conflicts_with = "image")]
     pub kubernetes_dir: Option<PathBuf>,
     /// Memory per control-plane VM in MiB (default: 2048 when the image
@@ -495,6 +498,12 @@ impl Create {
         cmd.arg("build").arg(&profile).arg("-o").arg(&out);
         if let Some(k) = &self.kubernetes_dir {
             cmd.arg("--kubernetes-dir").arg(k);
+        } else if Path::new("kubernetes/go.mod").is_file()
+            && Path::new("scripts/build-kubernetes.sh").is_file()
+        {
+            // In the workspace: the source build (cached), which brings
+            // CoreDNS for its baked image; the official tarball has none.
+            cmd.arg("--kubernetes-source").arg("kubernetes");
         }
         let status = cmd.stdout(Stdio::null()).status().with_context(|| {
             format!(
