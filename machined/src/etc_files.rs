@@ -8,6 +8,9 @@ use std::path::Path;
 
 use machine_api::atomic::write_atomic;
 
+/// Name servers when none are configured or learnt from DHCP.
+pub const DEFAULT_NAMESERVERS: [[u8; 4]; 2] = [[1, 1, 1, 1], [8, 8, 8, 8]];
+
 /// What the files say.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EtcFiles {
@@ -32,7 +35,19 @@ impl EtcFiles {
 
     pub fn resolv_conf(&self) -> String {
         let mut s = String::new();
-        for n in self.nameservers.iter().take(3) {
+        if self.nameservers.is_empty() {
+            // Neither the config nor DHCP named any: public resolvers, as
+            // Talos defaults to. An empty resolv.conf would stop CoreDNS
+            // (its `forward` needs an upstream), and with it cluster DNS.
+            s.push_str("# no name servers configured (machine.network.nameservers) or from DHCP: defaults\n");
+        }
+        let defaults = DEFAULT_NAMESERVERS.map(IpAddr::from);
+        let servers = if self.nameservers.is_empty() {
+            &defaults[..]
+        } else {
+            &self.nameservers[..]
+        };
+        for n in servers.iter().take(3) {
             s.push_str(&format!("nameserver {n}\n"));
         }
         s
@@ -79,5 +94,20 @@ mod tests {
             std::fs::read_to_string(t.path().join("hostname")).unwrap(),
             "cp1\n"
         );
+    }
+
+    #[test]
+    fn resolv_conf_falls_back_to_public_resolvers() {
+        let f = EtcFiles::default();
+        let text = f.resolv_conf();
+        assert!(
+            text.contains("nameserver 1.1.1.1\nnameserver 8.8.8.8\n"),
+            "{text}"
+        );
+        let g = EtcFiles {
+            nameservers: vec!["10.0.0.1".parse().unwrap()],
+            ..Default::default()
+        };
+        assert_eq!(g.resolv_conf(), "nameserver 10.0.0.1\n");
     }
 }

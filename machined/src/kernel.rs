@@ -38,6 +38,33 @@ pub fn apply(root: &Path, sysctls: &BTreeMap<String, String>, modules: &[String]
     report
 }
 
+/// The config's sysctls over the ones its roles need: packet forwarding
+/// for pod traffic on every Kubernetes node, and bridged pod traffic
+/// through netfilter on workers (kube-proxy's service rules must see
+/// pod-to-pod traffic on the same bridge). The config wins on a clash.
+pub fn with_role_defaults(cfg: &machine_api::config::MachineConfig) -> BTreeMap<String, String> {
+    use machine_api::config::Role;
+    let mut out = BTreeMap::new();
+    if cfg.has_role(Role::Worker) || cfg.has_role(Role::Controlplane) {
+        out.insert("net.ipv4.ip_forward".to_owned(), "1".to_owned());
+        out.insert("net.ipv6.conf.all.forwarding".to_owned(), "1".to_owned());
+    }
+    if cfg.has_role(Role::Worker) {
+        out.insert(
+            "net.bridge.bridge-nf-call-iptables".to_owned(),
+            "1".to_owned(),
+        );
+        out.insert(
+            "net.bridge.bridge-nf-call-ip6tables".to_owned(),
+            "1".to_owned(),
+        );
+    }
+    for (k, v) in &cfg.machine.sysctls {
+        out.insert(k.clone(), v.clone());
+    }
+    out
+}
+
 /// `net.ipv4.ip_forward` → `ROOT/proc/sys/net/ipv4/ip_forward`. Keys are
 /// validated as dotted names (no `..`, no leading `/`) before they get
 /// here; this checks again, as a path is about to be written.

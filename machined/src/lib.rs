@@ -17,6 +17,7 @@ pub mod mountinfo;
 pub mod net;
 pub mod node;
 pub mod paths;
+pub mod pod_network;
 pub mod roles;
 pub mod state;
 pub mod supervisor;

@@ -85,12 +85,15 @@ fn cgroup_base(root: &Path, host_mode: bool) -> Option<PathBuf> {
     match std::fs::create_dir_all(&base) {
         Ok(()) => {
             if !host_mode {
-                // The cpu, memory and pids controllers for the services'
-                // cgroups (cpu.weight, memory.current). A host's own cgroup
-                // setup is left alone in host mode.
+                // The controllers the services' cgroups use (cpu.weight,
+                // memory.current) and the ones kubelet needs for its pod
+                // cgroups (cpuset, io, hugetlb), each on its own: a kernel
+                // without one must not lose the others. A host's own
+                // cgroup setup is left alone in host mode.
                 for dir in [&mount, &base] {
-                    let _ =
-                        std::fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids");
+                    for c in ["cpu", "cpuset", "memory", "pids", "io", "hugetlb"] {
+                        let _ = std::fs::write(dir.join("cgroup.subtree_control"), format!("+{c}"));
+                    }
                 }
             }
             Some(base)
@@ -224,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     node.boot().await?;
     spawn_state_printer(&supervisor, timeline);
     tokio::spawn(node.clone().renew_etcd_certificates());
+    tokio::spawn(machined::pod_network::run(node.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let next = tokio::select! {

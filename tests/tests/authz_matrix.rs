@@ -31,7 +31,8 @@ use machine_api::proto::service_service_client::ServiceServiceClient;
 use machine_api::proto::trust_service_client::TrustServiceClient;
 use machine_api::proto::{
     ApplyConfigurationRequest, ApplyMode, Empty, EtcdAddMemberRequest, EtcdRemoveMemberRequest,
-    LogsRequest, ResetRequest, ServiceRequest, SignServerCertificateRequest,
+    LogsRequest, ResetRequest, ServiceRequest, SignKubernetesCertificateRequest,
+    SignServerCertificateRequest,
 };
 use node_tests::{alive, bootstrapped_node, osctl, require};
 use prost::Message;
@@ -175,6 +176,11 @@ const TABLE: &[Row] = &[
     // have it, so it is refused there whoever asks.
     row(
         "/machine.v1alpha1.TrustService/SignServerCertificate",
+        NotServed,
+        Then::Code(Code::PermissionDenied),
+    ),
+    row(
+        "/machine.v1alpha1.TrustService/SignKubernetesCertificate",
         NotServed,
         Then::Code(Code::PermissionDenied),
     ),
@@ -558,6 +564,14 @@ async fn call(ch: Channel, path: &str, a: &Args) -> Result<(), tonic::Status> {
             .sign_server_certificate(SignServerCertificateRequest {
                 machine_token: "not-the-token".into(),
                 csr_pem: String::new(),
+            })
+            .await
+            .map(drop),
+        ("TrustService", "SignKubernetesCertificate") => TrustServiceClient::new(ch)
+            .sign_kubernetes_certificate(SignKubernetesCertificateRequest {
+                machine_token: "not-the-token".into(),
+                csr_pem: String::new(),
+                kind: 1,
             })
             .await
             .map(drop),

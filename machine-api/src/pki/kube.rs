@@ -158,6 +158,47 @@ pub fn kubelet_serving(node: &NodeIdentity) -> LeafSpec {
     )
 }
 
+/// The kubelet serving certificate a worker asks the trust endpoint for,
+/// checked: the common name must be `system:node:NAME` with NAME a DNS
+/// name, and the only DNS name it may claim is NAME itself (addresses are
+/// its own to state; the Node authorizer ties everything else to NAME).
+pub fn kubelet_serving_from_request(
+    common_name: &str,
+    sans: Vec<String>,
+) -> Result<LeafSpec, super::PkiError> {
+    let bad = super::PkiError::BadRequest;
+    let name = common_name.strip_prefix("system:node:").ok_or_else(|| {
+        bad(format!(
+            "common name {common_name:?} is not system:node:NAME"
+        ))
+    })?;
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if !valid {
+        return Err(bad(format!(
+            "node name {name:?} is not a lowercase DNS name"
+        )));
+    }
+    let mut spec = LeafSpec::new(common_name, Usage::Server).org("system:nodes");
+    for san in sans {
+        if san.parse::<std::net::IpAddr>().is_err() && san != name {
+            return Err(bad(format!(
+                "DNS name {san:?}: a kubelet serving certificate names only its node ({name})"
+            )));
+        }
+        spec = spec.san(san);
+    }
+    Ok(spec)
+}
+
 pub fn kube_proxy() -> LeafSpec {
     LeafSpec::new("system:kube-proxy", Usage::Client).org("system:node-proxier")
 }

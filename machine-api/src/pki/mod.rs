@@ -347,6 +347,24 @@ impl CertificateAuthority {
     /// are taken; usage, lifetime and every other field are ours. Returns
     /// the spec that was signed (for the log) and the certificate.
     pub fn sign_server_request(&self, csr_pem: &str) -> Result<(LeafSpec, String), PkiError> {
+        self.sign_request_as(csr_pem, |cn, sans| {
+            let mut spec = LeafSpec::new(cn, Usage::Server);
+            for san in sans {
+                spec = spec.san(san);
+            }
+            Ok(spec)
+        })
+    }
+
+    /// Signs the key in a PKCS#10 request with a certificate `decide`
+    /// makes from the request's common name and DNS/IP names (it may take
+    /// them, check them against what it expects, or ignore them). Usage,
+    /// lifetime and every other field are ours, never the request's.
+    pub fn sign_request_as(
+        &self,
+        csr_pem: &str,
+        decide: impl FnOnce(&str, Vec<String>) -> Result<LeafSpec, PkiError>,
+    ) -> Result<(LeafSpec, String), PkiError> {
         let bad = PkiError::BadRequest;
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| bad(e.to_string()))?;
@@ -354,11 +372,11 @@ impl CertificateAuthority {
             Some(rcgen::DnValue::Utf8String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(bad("the request has no UTF-8 common name".into())),
         };
-        let mut spec = LeafSpec::new(&cn, Usage::Server);
+        let mut sans = Vec::new();
         for san in &csr.params.subject_alt_names {
             match san {
-                SanType::DnsName(d) => spec = spec.san(d.as_str()),
-                SanType::IpAddress(ip) => spec = spec.san(ip.to_string()),
+                SanType::DnsName(d) => sans.push(d.as_str().to_owned()),
+                SanType::IpAddress(ip) => sans.push(ip.to_string()),
                 other => {
                     return Err(bad(format!(
                         "subject alternative name {other:?} is not a DNS name or IP address"
@@ -366,11 +384,12 @@ impl CertificateAuthority {
                 }
             }
         }
-        if spec.dns_names.len() + spec.ip_addresses.len() > MAX_SERVER_SANS {
+        if sans.len() > MAX_SERVER_SANS {
             return Err(bad(format!(
                 "more than {MAX_SERVER_SANS} subject alternative names"
             )));
         }
+        let spec = decide(&cn, sans)?;
         let params = leaf_params(&spec, LEAF_VALIDITY)?;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok((spec, cert.pem()))
@@ -451,6 +470,42 @@ mod tests {
                 "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
             )
             .is_err());
+    }
+
+    #[test]
+    fn kubelet_serving_requests_name_only_their_node() {
+        use super::kube::{kube_proxy, kubelet_serving_from_request};
+        let ca = CertificateAuthority::generate("kubernetes").unwrap();
+        let ask = |cn: &str, sans: &[&str]| {
+            let mut spec = LeafSpec::new(cn, Usage::Client);
+            for s in sans {
+                spec = spec.san(s);
+            }
+            let (csr, _) = server_certificate_request(&spec).unwrap();
+            ca.sign_request_as(&csr, kubelet_serving_from_request)
+        };
+        let (spec, pem) = ask("system:node:w1", &["w1", "10.5.0.21"]).unwrap();
+        assert_eq!(spec.usage, Usage::Server);
+        assert_eq!(spec.organizations, vec!["system:nodes".to_owned()]);
+        assert!(CertificateAuthority::verify_issued(ca.cert_pem(), &pem));
+        // Another node's name, a wildcard, an API server name, an
+        // identity that is no node, a name that is no DNS name: refused.
+        for (cn, sans) in [
+            ("system:node:w1", vec!["w2"]),
+            ("system:node:w1", vec!["*.cluster.local"]),
+            ("system:node:w1", vec!["kubernetes.default"]),
+            ("system:kube-proxy", vec![]),
+            ("system:node:W1", vec![]),
+            ("system:node:", vec![]),
+        ] {
+            let e = ask(cn, &sans).unwrap_err().to_string();
+            assert!(!e.is_empty(), "{cn} {sans:?}");
+        }
+        // kube-proxy's identity ignores whatever the request names.
+        let (csr, _) =
+            server_certificate_request(&LeafSpec::new("system:masters", Usage::Client)).unwrap();
+        let (spec, _) = ca.sign_request_as(&csr, |_, _| Ok(kube_proxy())).unwrap();
+        assert_eq!(spec.common_name, "system:kube-proxy");
     }
 
     #[test]

@@ -15,11 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use machine_api::config::MachineConfig;
+use machine_api::pki::kube;
 use machine_api::pki::kube::os_api_server;
 use machine_api::pki::{server_certificate_request, CertificateAuthority};
 use machine_api::proto::trust_service_client::TrustServiceClient;
 use machine_api::proto::trust_service_server::{TrustService, TrustServiceServer};
-use machine_api::proto::{SignServerCertificateRequest, SignServerCertificateResponse};
+use machine_api::proto::{
+    KubernetesCertificateKind, SignKubernetesCertificateRequest, SignServerCertificateRequest,
+    SignServerCertificateResponse,
+};
 use machine_api::retry::Backoff;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -78,6 +82,60 @@ impl TrustService for TrustApi {
             ips = ?spec.ip_addresses,
             "trust endpoint: signed an OS API server certificate"
         );
+        Ok(Response::new(SignServerCertificateResponse { cert_pem }))
+    }
+
+    async fn sign_kubernetes_certificate(
+        &self,
+        r: Request<SignKubernetesCertificateRequest>,
+    ) -> Result<Response<SignServerCertificateResponse>, Status> {
+        let peer = r
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into());
+        let req = r.into_inner();
+        let cfg = self
+            .0
+            .config()
+            .ok_or_else(|| Status::unavailable("this node has no config yet"))?;
+        let ca = cfg
+            .secrets
+            .kubernetes_ca
+            .as_ref()
+            .and_then(|c| c.key.as_ref().map(|k| (c, k)))
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "this node does not hold the Kubernetes CA key: ask a control-plane node",
+                )
+            })?;
+        if !crate::node::constant_time_eq(
+            req.machine_token.as_bytes(),
+            cfg.secrets.machine_token.as_bytes(),
+        ) {
+            warn!(%peer, "trust endpoint: wrong machine token");
+            return Err(Status::permission_denied(
+                "wrong machine token: the worker's secrets.machineToken is not this cluster's",
+            ));
+        }
+        let ca = CertificateAuthority::from_pem("secrets.kubernetesCA", &ca.0.crt, ca.1)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let kind = KubernetesCertificateKind::try_from(req.kind)
+            .unwrap_or(KubernetesCertificateKind::Unspecified);
+        let signed = match kind {
+            KubernetesCertificateKind::KubeletServing => {
+                ca.sign_request_as(&req.csr_pem, kube::kubelet_serving_from_request)
+            }
+            KubernetesCertificateKind::KubeProxy => {
+                ca.sign_request_as(&req.csr_pem, |_, _| Ok(kube::kube_proxy()))
+            }
+            KubernetesCertificateKind::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "kind: say which certificate (KUBELET_SERVING or KUBE_PROXY)",
+                ))
+            }
+        };
+        let (spec, cert_pem) = signed.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        info!(%peer, identity = %spec.common_name, ips = ?spec.ip_addresses, "trust endpoint: signed a Kubernetes certificate");
         Ok(Response::new(SignServerCertificateResponse { cert_pem }))
     }
 }
@@ -280,6 +338,17 @@ async fn request_once(
     cfg: &MachineConfig,
     spec: &machine_api::pki::LeafSpec,
 ) -> Result<(String, String), (bool, String)> {
+    request_signed(cfg, spec, None).await
+}
+
+/// Asks the trust endpoint once to sign a fresh key for `spec`: an OS API
+/// server certificate, or with `kind` a Kubernetes one. `(true, _)` is a
+/// definitive refusal, `(false, _)` worth retrying.
+async fn request_signed(
+    cfg: &MachineConfig,
+    spec: &machine_api::pki::LeafSpec,
+    kind: Option<KubernetesCertificateKind>,
+) -> Result<(String, String), (bool, String)> {
     let transient = |e: String| (false, e);
     let (host, url) = endpoint_of(cfg).map_err(|e| (true, e))?;
     let (csr, key) = server_certificate_request(spec).map_err(|e| (true, e.to_string()))?;
@@ -296,35 +365,66 @@ async fn request_once(
         .timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| transient(format!("{url}: cannot connect: {}", error_chain(&e))))?;
-    let resp = TrustServiceClient::new(channel)
-        .sign_server_certificate(SignServerCertificateRequest {
-            machine_token: cfg.secrets.machine_token.clone(),
-            csr_pem: csr,
-        })
-        .await
-        .map_err(|s| {
-            let definitive = matches!(
-                s.code(),
-                tonic::Code::PermissionDenied
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::FailedPrecondition
-            );
-            (definitive, format!("{url}: {}", s.message()))
-        })?;
+        .map_err(|e| transient(format!("{url}: cannot connect: {}", crate::node::chain(&e))))?;
+    let mut client = TrustServiceClient::new(channel);
+    let token = cfg.secrets.machine_token.clone();
+    let resp = match kind {
+        None => {
+            client
+                .sign_server_certificate(SignServerCertificateRequest {
+                    machine_token: token,
+                    csr_pem: csr,
+                })
+                .await
+        }
+        Some(kind) => {
+            client
+                .sign_kubernetes_certificate(SignKubernetesCertificateRequest {
+                    machine_token: token,
+                    csr_pem: csr,
+                    kind: kind as i32,
+                })
+                .await
+        }
+    }
+    .map_err(|s| {
+        let definitive = matches!(
+            s.code(),
+            tonic::Code::PermissionDenied
+                | tonic::Code::InvalidArgument
+                | tonic::Code::FailedPrecondition
+        );
+        (definitive, format!("{url}: {}", s.message()))
+    })?;
     Ok((resp.into_inner().cert_pem, key))
 }
 
-/// An error with its causes (tonic's own message says only "transport
-/// error").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(&format!(": {c}"));
-        cur = c.source();
-    }
-    s
+/// A Kubernetes certificate for this worker from the trust endpoint,
+/// retrying while it is unreachable (every 15 s at most, for as long as it
+/// takes: the control plane may boot later). A definitive refusal ends it
+/// with the endpoint's reason.
+pub async fn kubernetes_certificate(
+    cfg: &MachineConfig,
+    spec: &machine_api::pki::LeafSpec,
+    kind: KubernetesCertificateKind,
+    progress: &crate::supervisor::Progress,
+) -> Result<(String, String), String> {
+    let doing = format!("asking the trust endpoint for {}", spec.common_name);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(15));
+    backoff = backoff.deadline(std::time::Instant::now() + Duration::from_secs(3600));
+    backoff
+        .retry(
+            || request_signed(cfg, spec, Some(kind)),
+            |(refused, e), _| {
+                if *refused {
+                    return false;
+                }
+                progress(format!("{doing}: {e}"));
+                true
+            },
+        )
+        .await
+        .map_err(|(_, e)| e)
 }
 
 /// The trust listener's address: the API's address on port 50001.

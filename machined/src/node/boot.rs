@@ -210,7 +210,7 @@ impl Node {
         }
         let report = crate::kernel::apply(
             std::path::Path::new("/"),
-            &cfg.machine.sysctls,
+            &crate::kernel::with_role_defaults(cfg),
             &cfg.machine.kernel_modules,
         );
         if !report.done.is_empty() {

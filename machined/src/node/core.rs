@@ -227,11 +227,16 @@ impl Node {
     }
 
     /// Removes what belongs to the wiped config: etcd data, minted
-    /// secrets, containerd's root, the bootstrap mark and a worker's kept
-    /// certificate.
+    /// secrets, containerd's root, the bootstrap mark, a worker's kept
+    /// certificate and its kubelet identity.
     pub(super) fn wipe_data(&self) -> Result<(), NodeError> {
         let p = &self.opts.paths;
-        for dir in [p.etcd_data(), p.secrets_dir(), p.containerd_root()] {
+        for dir in [
+            p.etcd_data(),
+            p.secrets_dir(),
+            p.containerd_root(),
+            crate::roles::kubernetes::worker::dir_of(p),
+        ] {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -18,8 +18,9 @@ use super::{RoleContext, RoleError};
 use crate::supervisor::{HealthCheck, ServiceSpec};
 
 pub const SERVICE: &str = "containerd";
-/// The pause image kubelet's sandboxes use (Kubernetes 1.34's default).
-pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
+/// The pause image kubelet's sandboxes use: ours, baked into the image
+/// (nothing is pulled; see `machine_api::layout::images`).
+pub const PAUSE_IMAGE: &str = machine_api::layout::images::PAUSE;
 
 /// The containerd major version, remembered in `cache` per binary (size
 /// and mtime): running the 50 MB binary takes about a second under

@@ -107,5 +107,11 @@ pub fn desired_services(
             Err(e) => problems.push(e),
         }
     }
+    if cfg.has_role(Role::Worker) {
+        match kubernetes::worker::services(cfg, ctx) {
+            Ok(s) => out.extend(s),
+            Err(e) => problems.push(e),
+        }
+    }
     Ok((out, problems))
 }

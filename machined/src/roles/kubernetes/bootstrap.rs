@@ -2,7 +2,8 @@
 //! (server-side apply, field manager `machined`) before every start of the
 //! controller-manager, which depends on a ready apiserver. Server-side
 //! apply of an unchanged manifest changes nothing (no new resourceVersion),
-//! so applying on every start, and on every control-plane node, is safe.
+//! so applying on every control-plane node is safe; within one boot the
+//! same objects are applied once.
 //!
 //! They are applied as `kubernetes-super-admin` (group `system:masters`):
 //! the binding that gives the operator's `kubeadm:cluster-admins` group its
@@ -21,7 +22,7 @@ use crate::supervisor::{PreStart, Progress};
 
 /// CoreDNS' image as the node's containerd knows it (baked into the image,
 /// never pulled; see docs/architecture.md).
-pub const COREDNS_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.13.1";
+pub const COREDNS_IMAGE: &str = machine_api::layout::images::COREDNS;
 
 /// The pre-start step of the controller-manager.
 #[derive(Debug)]
@@ -30,22 +31,43 @@ pub struct Apply {
     kubeconfig: PathBuf,
     manifest: PathBuf,
     text: String,
+    /// The sha256 of the last manifest applied in this boot (under /run):
+    /// a controller-manager that restarts (it exits whenever it loses its
+    /// leader lease, which a slow apiserver makes frequent) does not run
+    /// kubectl again for the same objects. A new boot, or changed objects,
+    /// apply again.
+    applied: PathBuf,
 }
 
 impl Apply {
-    pub fn new(cfg: &MachineConfig, files: &KubeFiles, kubectl: &Path) -> Result<Self, RoleError> {
+    pub fn new(
+        cfg: &MachineConfig,
+        files: &KubeFiles,
+        kubectl: &Path,
+        applied: PathBuf,
+    ) -> Result<Self, RoleError> {
         Ok(Apply {
             kubectl: kubectl.to_owned(),
             kubeconfig: files.file("super-admin.conf"),
             manifest: files.file("bootstrap-objects.yaml"),
             text: manifests(cfg).map_err(|e| RoleError::Certificates(super::files::ROLE, e))?,
+            applied,
         })
+    }
+
+    fn digest(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(self.text.as_bytes()))
     }
 }
 
 #[async_trait]
 impl PreStart for Apply {
     async fn run(&self, progress: &Progress) -> Result<(), String> {
+        let digest = self.digest();
+        if std::fs::read_to_string(&self.applied).is_ok_and(|d| d.trim() == digest) {
+            return Ok(());
+        }
         machine_api::atomic::write_atomic(&self.manifest, self.text.as_bytes(), 0o600)
             .map_err(|e| format!("{}: {e}", self.manifest.display()))?;
         progress("applying the cluster's bootstrap objects".into());
@@ -77,13 +99,18 @@ impl PreStart for Apply {
         }
         let objects = String::from_utf8_lossy(&out.stdout).lines().count();
         tracing::info!(objects, "bootstrap objects applied");
+        if let Some(dir) = self.applied.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        // Best effort: without the mark the next start applies again.
+        let _ = machine_api::atomic::write_atomic(&self.applied, digest.as_bytes(), 0o600);
         Ok(())
     }
 }
 
 /// The `n`-th address of the first service CIDR (kubeadm puts cluster DNS
 /// at the 10th).
-fn service_ip(cfg: &MachineConfig, n: usize) -> Result<String, String> {
+pub fn service_ip(cfg: &MachineConfig, n: usize) -> Result<String, String> {
     let cidr = cfg
         .cluster
         .network

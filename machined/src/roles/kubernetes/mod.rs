@@ -10,6 +10,7 @@
 pub mod bootstrap;
 pub mod files;
 mod health;
+pub mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,6 +158,9 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
                 f("apiserver-kubelet-client.crt"),
             ),
             ("kubelet-client-key", f("apiserver-kubelet-client.key")),
+            // kubelets serve certificates the cluster CA signed (see
+            // `worker`), so the apiserver checks whom it talks to.
+            ("kubelet-certificate-authority", f("ca.crt")),
             (
                 "kubelet-preferred-address-types",
                 "InternalIP,ExternalIP,Hostname".into(),
@@ -209,6 +213,13 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
             ("client-ca-file", f("ca.crt")),
             ("requestheader-client-ca-file", f("front-proxy-ca.crt")),
             ("leader-elect", "true".into()),
+            // Longer than kubeadm's 15 s / 10 s / 2 s: a controller that
+            // cannot renew its lease in time exits, and an apiserver slowed
+            // by a busy node (or emulation) made that a restart loop. A
+            // failed leader is replaced within a minute.
+            ("leader-elect-lease-duration", "60s".into()),
+            ("leader-elect-renew-deadline", "40s".into()),
+            ("leader-elect-retry-period", "5s".into()),
             ("profiling", "false".into()),
         ]
     };
@@ -269,7 +280,12 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
         probe(CONTROLLER_MANAGER_PORT, "/healthz")?,
     );
     // The cluster's bootstrap objects, before the controllers act on them.
-    kcm.pre_start = Some(Arc::new(bootstrap::Apply::new(cfg, &files, &bins[3])?));
+    kcm.pre_start = Some(Arc::new(bootstrap::Apply::new(
+        cfg,
+        &files,
+        &bins[3],
+        ctx.paths.root.join("run/machined/bootstrap-objects.sha256"),
+    )?));
     let sched = spec(
         SCHEDULER,
         &bins[2],

@@ -52,7 +52,7 @@ pub struct Create {
     #[arg(long)]
     pub memory: Option<u32>,
     /// Memory per worker VM in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1536)]
     pub memory_workers: u32,
     /// Virtual CPUs per VM.
     #[arg(long, default_value_t = 1)]
@@ -306,6 +306,11 @@ impl Create {
                 } else {
                     None
                 },
+                node_port: if roles.contains(&Role::Worker) && has_kube {
+                    Some(free_port()?)
+                } else {
+                    None
+                },
                 memory_mib: if controlplane {
                     cp_memory
                 } else {
@@ -369,6 +374,7 @@ impl Create {
                 api_port: n.api_port,
                 etcd_port: n.etcd_port,
                 k8s_port: n.k8s_port,
+                node_port: n.node_port,
                 console: n.console.clone(),
                 pidfile: n.pidfile.clone(),
             };

@@ -77,6 +77,10 @@ pub struct NodeState {
     /// control-plane nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k8s_port: Option<u16>,
+    /// 127.0.0.1 port forwarded to NodePort [`qemu::NODE_PORT`] on worker
+    /// nodes, so a NodePort service can be reached from the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
     /// Memory of its VM in MiB.
     #[serde(default)]
     pub memory_mib: u32,
@@ -197,6 +201,11 @@ impl Show {
             st.osconfig.display(),
             st.name
         );
+        for n in &st.nodes {
+            if let Some(p) = n.node_port {
+                println!("NodePort {} of {}: 127.0.0.1:{p}", qemu::NODE_PORT, n.name);
+            }
+        }
         if st.nodes.iter().any(|n| n.k8s_port.is_some()) {
             println!(
                 "osctl kubeconfig --osconfig {} --context {} PATH   (server: the first control plane's forwarded port)",

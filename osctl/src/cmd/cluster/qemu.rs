@@ -133,9 +133,15 @@ pub struct VmSpec {
     pub etcd_port: u16,
     /// 127.0.0.1 port forwarded to the node's kube-apiserver (6443).
     pub k8s_port: Option<u16>,
+    /// 127.0.0.1 port forwarded to [`NODE_PORT`] (workers).
+    pub node_port: Option<u16>,
     pub console: PathBuf,
     pub pidfile: PathBuf,
 }
+
+/// The NodePort forwarded from the host to each worker VM: the first of
+/// the default NodePort range, for a service that asks for it.
+pub const NODE_PORT: u16 = 30080;
 
 impl VmSpec {
     pub fn command(&self) -> Command {
@@ -173,11 +179,14 @@ impl VmSpec {
             .args([
                 "-netdev",
                 &format!(
-                    "user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:{}-:50000,hostfwd=tcp:127.0.0.1:{}-:2379{}",
+                    "user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:{}-:50000,hostfwd=tcp:127.0.0.1:{}-:2379{}{}",
                     self.api_port,
                     self.etcd_port,
                     self.k8s_port
                         .map(|p| format!(",hostfwd=tcp:127.0.0.1:{p}-:6443"))
+                        .unwrap_or_default(),
+                    self.node_port
+                        .map(|p| format!(",hostfwd=tcp:127.0.0.1:{p}-:{NODE_PORT}"))
                         .unwrap_or_default()
                 ),
                 "-device",
@@ -319,6 +328,7 @@ mod tests {
             api_port: 51000,
             etcd_port: 52000,
             k8s_port: Some(53000),
+            node_port: None,
             console: "console.log".into(),
             pidfile: "vm.pid".into(),
         };
