@@ -6,7 +6,7 @@ use super::KubernetesVersion;
 use crate::pki::bundle::SecretsBundle;
 
 /// The Kubernetes release generated configs pin when none is given.
-pub const DEFAULT_KUBERNETES_VERSION: &str = "1.35.0";
+pub const DEFAULT_KUBERNETES_VERSION: &str = "1.35.4";
 
 /// What `osctl gen config` is told about the cluster.
 #[derive(Clone, Debug)]
