@@ -54,33 +54,7 @@ smoke_test() {
   done
   "${k[@]}" get nodes -o wide
   step "a Deployment of the baked busybox, one pod per worker, and a NodePort service"
-  "${k[@]}" apply -f - <<'YAML'
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web, namespace: default}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      topologySpreadConstraints:
-        - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}
-      containers:
-        - name: web
-          image: localhost/node-os/busybox:1
-          imagePullPolicy: Never
-          command: ["sh", "-c", "mkdir -p /tmp/www && hostname > /tmp/www/index.html && echo serving && exec httpd -f -p 8080 -h /tmp/www"]
-          ports: [{containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
-YAML
+  "${k[@]}" apply -f tests/manifests/smoke-web.yaml
   "${k[@]}" rollout status deployment/web --timeout 600s
   "${k[@]}" get pods -o wide
   local a b bip

@@ -28,33 +28,7 @@ use node_tests::{
     require_kube_bin_dir, wait_until, LocalCluster,
 };
 
-const WORKLOAD: &str = r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web, namespace: default}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      topologySpreadConstraints:
-        - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}
-      containers:
-        - name: web
-          image: localhost/node-os/busybox:1
-          imagePullPolicy: Never
-          command: ["sh", "-c", "mkdir -p /tmp/www && hostname > /tmp/www/index.html && echo serving && exec httpd -f -p 8080 -h /tmp/www"]
-          ports: [{containerPort: 8080}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
-"#;
+const WORKLOAD: &str = include_str!("../manifests/smoke-web.yaml");
 
 fn ready_nodes(bins: &Path, kc: &Path) -> Vec<String> {
     let r = kubectl(bins, kc, &["get", "nodes", "-o", "json"]);

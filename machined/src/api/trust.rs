@@ -43,34 +43,43 @@ pub const TRUST_PORT: u16 = 50001;
 #[derive(Debug)]
 pub struct TrustApi(pub Arc<Node>);
 
+fn peer_of<T>(r: &Request<T>) -> String {
+    r.remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+impl TrustApi {
+    /// The running config, once the caller's machine token matches it
+    /// (compared in constant time; a mismatch is logged with the peer).
+    fn config_for(&self, token: &str, peer: &str) -> Result<MachineConfig, Status> {
+        let cfg = self
+            .0
+            .config()
+            .ok_or_else(|| Status::unavailable("this node has no config yet"))?;
+        if !crate::node::constant_time_eq(token.as_bytes(), cfg.secrets.machine_token.as_bytes()) {
+            warn!(%peer, "trust endpoint: wrong machine token");
+            return Err(Status::permission_denied(
+                "wrong machine token: the worker's secrets.machineToken is not this cluster's",
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
 #[tonic::async_trait]
 impl TrustService for TrustApi {
     async fn sign_server_certificate(
         &self,
         r: Request<SignServerCertificateRequest>,
     ) -> Result<Response<SignServerCertificateResponse>, Status> {
-        let peer = r
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "?".into());
+        let peer = peer_of(&r);
         let req = r.into_inner();
-        let cfg = self
-            .0
-            .config()
-            .ok_or_else(|| Status::unavailable("this node has no config yet"))?;
+        let cfg = self.config_for(&req.machine_token, &peer)?;
         let key =
             cfg.secrets.os_ca.key.as_ref().ok_or_else(|| {
                 Status::failed_precondition("this node does not hold the OS CA key")
             })?;
-        if !crate::node::constant_time_eq(
-            req.machine_token.as_bytes(),
-            cfg.secrets.machine_token.as_bytes(),
-        ) {
-            warn!(%peer, "trust endpoint: wrong machine token");
-            return Err(Status::permission_denied(
-                "wrong machine token: the worker's secrets.machineToken is not this cluster's",
-            ));
-        }
         let ca = CertificateAuthority::from_pem("secrets.osCA", &cfg.secrets.os_ca.crt, key)
             .map_err(|e| Status::internal(e.to_string()))?;
         let (spec, cert_pem) = ca
@@ -89,15 +98,9 @@ impl TrustService for TrustApi {
         &self,
         r: Request<SignKubernetesCertificateRequest>,
     ) -> Result<Response<SignServerCertificateResponse>, Status> {
-        let peer = r
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "?".into());
+        let peer = peer_of(&r);
         let req = r.into_inner();
-        let cfg = self
-            .0
-            .config()
-            .ok_or_else(|| Status::unavailable("this node has no config yet"))?;
+        let cfg = self.config_for(&req.machine_token, &peer)?;
         let ca = cfg
             .secrets
             .kubernetes_ca
@@ -108,15 +111,6 @@ impl TrustService for TrustApi {
                     "this node does not hold the Kubernetes CA key: ask a control-plane node",
                 )
             })?;
-        if !crate::node::constant_time_eq(
-            req.machine_token.as_bytes(),
-            cfg.secrets.machine_token.as_bytes(),
-        ) {
-            warn!(%peer, "trust endpoint: wrong machine token");
-            return Err(Status::permission_denied(
-                "wrong machine token: the worker's secrets.machineToken is not this cluster's",
-            ));
-        }
         let ca = CertificateAuthority::from_pem("secrets.kubernetesCA", &ca.0.crt, ca.1)
             .map_err(|e| Status::internal(e.to_string()))?;
         let kind = KubernetesCertificateKind::try_from(req.kind)

@@ -31,12 +31,16 @@ pub const SCHEDULER_PORT: u16 = 10259;
 /// The binaries the role runs, for a clear error on an image without them.
 pub const BINARIES: &[&str] = &[APISERVER, CONTROLLER_MANAGER, SCHEDULER, "kubectl"];
 
-/// Every binary the role needs, or one error naming all that are missing.
-fn binaries(ctx: &RoleContext) -> Result<Vec<std::path::PathBuf>, RoleError> {
+/// Every binary of `names`, or one error naming all that are missing.
+pub(super) fn require_binaries(
+    ctx: &RoleContext,
+    role: &'static str,
+    names: &[&'static str],
+) -> Result<Vec<std::path::PathBuf>, RoleError> {
     let mut found = Vec::new();
     let mut missing = Vec::new();
-    for b in BINARIES {
-        match ctx.binary(files::ROLE, b) {
+    for b in names {
+        match ctx.binary(role, b) {
             Ok(p) => found.push(p),
             Err(_) => missing.push(*b),
         }
@@ -45,7 +49,7 @@ fn binaries(ctx: &RoleContext) -> Result<Vec<std::path::PathBuf>, RoleError> {
         Ok(found)
     } else {
         Err(RoleError::MissingBinaries {
-            role: files::ROLE,
+            role,
             binaries: missing.join(", "),
             where_: match &ctx.bin_dir {
                 Some(d) => d.display().to_string(),
@@ -57,7 +61,7 @@ fn binaries(ctx: &RoleContext) -> Result<Vec<std::path::PathBuf>, RoleError> {
 
 /// Flags with the config's `extraArgs` merged over ours (theirs win), as
 /// `--key=value`, sorted so the spec hash is stable.
-fn flags(
+pub(super) fn flags(
     ours: Vec<(&str, String)>,
     extra: &std::collections::BTreeMap<String, String>,
 ) -> Vec<String> {
@@ -101,7 +105,7 @@ fn spec(
 /// The control-plane services, or none while this node's etcd member
 /// waits for bootstrap (the apiserver would only fail against it).
 pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpec>, RoleError> {
-    let bins = binaries(ctx)?;
+    let bins = require_binaries(ctx, files::ROLE, BINARIES)?;
     let local_etcd = cfg.has_role(Role::Etcd);
     if local_etcd && !etcd::can_start(cfg, &ctx.paths) {
         return Ok(Vec::new());

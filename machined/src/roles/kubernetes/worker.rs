@@ -14,7 +14,7 @@
 //!
 //! kubelet runs with the cgroupfs driver, as machined and containerd do
 //! (machined owns the cgroup tree; there is no systemd). kube-proxy runs in
-//! nftables mode: see docs/kubernetes.md for why.
+//! nftables mode: docs/architecture.md says why.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,19 +61,6 @@ fn write_if_changed(p: &Path, text: &str, mode: u32) -> Result<(), RoleError> {
         return Ok(());
     }
     write_atomic(p, text.as_bytes(), mode).map_err(|e| io(p, e))
-}
-
-/// Flags with the config's `extraArgs` merged over ours (theirs win).
-fn flags(
-    ours: Vec<(&str, String)>,
-    extra: &std::collections::BTreeMap<String, String>,
-) -> Vec<String> {
-    let mut m: std::collections::BTreeMap<String, String> =
-        ours.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    for (k, v) in extra {
-        m.insert(k.clone(), v.clone());
-    }
-    m.into_iter().map(|(k, v)| format!("--{k}={v}")).collect()
 }
 
 /// The kubelet configuration: webhook authentication and authorization
@@ -185,32 +172,9 @@ fn bootstrap_kubeconfig(cluster: &str, server: &str, ca_pem: &str, token: &str) 
     serde_norway::to_string(&doc).unwrap_or_default()
 }
 
-fn missing_binaries(ctx: &RoleContext) -> Result<Vec<PathBuf>, RoleError> {
-    let mut found = Vec::new();
-    let mut missing = Vec::new();
-    for b in BINARIES {
-        match ctx.binary(ROLE, b) {
-            Ok(p) => found.push(p),
-            Err(_) => missing.push(*b),
-        }
-    }
-    if missing.is_empty() {
-        Ok(found)
-    } else {
-        Err(RoleError::MissingBinaries {
-            role: ROLE,
-            binaries: missing.join(", "),
-            where_: match &ctx.bin_dir {
-                Some(d) => d.display().to_string(),
-                None => "PATH".into(),
-            },
-        })
-    }
-}
-
 /// kubelet and kube-proxy for this node.
 pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpec>, RoleError> {
-    let bins = missing_binaries(ctx)?;
+    let bins = super::require_binaries(ctx, ROLE, BINARIES)?;
     let dir = dir_of(&ctx.paths);
     std::fs::create_dir_all(dir.join("pki")).map_err(|e| io(&dir, e))?;
     let err = |e: String| RoleError::Certificates(ROLE, e);
@@ -254,7 +218,7 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
     let root_dir = ctx.paths.root.join("var/lib/kubelet");
     std::fs::create_dir_all(&root_dir).map_err(|e| io(&root_dir, e))?;
     let d = |n: &str| dir.join(n).display().to_string();
-    let kubelet_args = flags(
+    let kubelet_args = super::flags(
         vec![
             ("config", d("kubelet.yaml")),
             ("kubeconfig", d("kubelet.conf")),
