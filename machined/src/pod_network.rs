@@ -307,6 +307,11 @@ async fn sync_once(node: &Node, masquerade_for: &mut Vec<IpNet>) -> Result<bool,
     if !(cfg.has_role(Role::Worker) || cfg.has_role(Role::Controlplane)) {
         return Ok(false);
     }
+    // In host mode the host's network is left alone: only a worker's CNI
+    // network is written, and a control plane has nothing to do.
+    if node.opts.host_mode && !cfg.has_role(Role::Worker) {
+        return Ok(false);
+    }
     let cluster: Vec<IpNet> = cfg.cluster.network.pod_cidrs.iter().map(|c| c.0).collect();
     if !node.opts.host_mode && *masquerade_for != cluster {
         apply_masquerade(node, &cluster).await?;

@@ -229,6 +229,22 @@ fn control_plane_in_host_mode() {
     .contains("secret/bootstrap-token-")
     .then_some(())
     .expect("bootstrap token secret");
+    // Within one boot the same objects are applied once (a restart of the
+    // controller-manager after a lost lease does not run kubectl again):
+    // a restart keeps them as they are...
+    let applied = node.root.join("run/machined/bootstrap-objects.sha256");
+    assert!(applied.exists());
+    files
+        .osctl(&[ip], &["service", "kube-controller-manager", "restart"])
+        .expect_ok();
+    files.osctl(&[ip], &["health", "--wait", "120"]).expect_ok();
+    assert_eq!(
+        node.log_text().matches("bootstrap objects applied").count(),
+        1
+    );
+    // ...and without the mark (a new boot) they are applied again, which
+    // changes nothing.
+    std::fs::remove_file(&applied).unwrap();
     files
         .osctl(&[ip], &["service", "kube-controller-manager", "restart"])
         .expect_ok();

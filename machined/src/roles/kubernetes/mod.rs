@@ -217,13 +217,6 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
             ("client-ca-file", f("ca.crt")),
             ("requestheader-client-ca-file", f("front-proxy-ca.crt")),
             ("leader-elect", "true".into()),
-            // Longer than kubeadm's 15 s / 10 s / 2 s: a controller that
-            // cannot renew its lease in time exits, and an apiserver slowed
-            // by a busy node (or emulation) made that a restart loop. A
-            // failed leader is replaced within a minute.
-            ("leader-elect-lease-duration", "60s".into()),
-            ("leader-elect-renew-deadline", "40s".into()),
-            ("leader-elect-retry-period", "5s".into()),
             ("profiling", "false".into()),
         ]
     };
