@@ -82,11 +82,21 @@ YAML
 transfer() { # NAME PORT -> seconds
   local ip
   ip=$("${k[@]}" get pod "$1-recv" -o jsonpath='{.status.podIP}')
-  "${k[@]}" exec "$1-recv" -- sh -c "nc -l -p $2 > /dev/null" &
+  # The receiver counts what arrives: a transfer that did not connect
+  # (its listener not up yet under emulation) is refused, not timed.
+  "${k[@]}" exec "$1-recv" -- sh -c "nc -l -p $2 | busybox wc -c" > "$out/$1.bytes" &
   local rpid=$!
-  sleep 3
-  "${k[@]}" exec "$1-send" -- sh -c "a=\$(date +%s%N); busybox dd if=/dev/zero bs=1048576 count=$mib 2>/dev/null | nc -w 2 $ip $2; b=\$(date +%s%N); echo \$(( (b - a) / 1000000 ))"
+  sleep 15
+  # Timed inside the sender from /proc/uptime (10 ms steps; busybox's date
+  # has no %N), so kubectl's own overhead is not counted.
+  "${k[@]}" exec "$1-send" -- sh -c "read a _ < /proc/uptime; busybox dd if=/dev/zero bs=1048576 count=$mib 2>/dev/null | nc -w 2 $ip $2; read b _ < /proc/uptime; echo \$(( (\${b%.*}\${b#*.} - \${a%.*}\${a#*.}) * 10 ))"
   wait "$rpid" 2>/dev/null || true
+  local got
+  got=$(tr -dc 0-9 < "$out/$1.bytes")
+  if [ "${got:-0}" -ne $((mib * 1048576)) ]; then
+    echo "transfer $1: the receiver got ${got:-0} of $((mib * 1048576)) bytes" >&2
+    exit 1
+  fi
 }
 pair pod false
 pair host true
