@@ -30,16 +30,21 @@ use node_tests::{
 
 const WORKLOAD: &str = include_str!("../manifests/smoke-web.yaml");
 
-fn ready_nodes(bins: &Path, kc: &Path) -> Vec<String> {
-    let r = kubectl(bins, kc, &["get", "nodes", "-o", "json"]);
+/// The `items` of a `kubectl get -o json` answer; none when kubectl fails
+/// (the API may be restarting).
+fn items(bins: &Path, kc: &Path, args: &[&str]) -> Vec<serde_json::Value> {
+    let r = kubectl(bins, kc, args);
     if !r.ok {
         return Vec::new();
     }
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
-    v["items"]
-        .as_array()
-        .cloned()
+    serde_json::from_str::<serde_json::Value>(&r.stdout)
+        .ok()
+        .and_then(|v| v["items"].as_array().cloned())
         .unwrap_or_default()
+}
+
+fn ready_nodes(bins: &Path, kc: &Path) -> Vec<String> {
+    items(bins, kc, &["get", "nodes", "-o", "json"])
         .iter()
         .filter(|n| {
             n["status"]["conditions"].as_array().is_some_and(|c| {
@@ -58,15 +63,7 @@ fn ready_nodes(bins: &Path, kc: &Path) -> Vec<String> {
 
 /// `(pod name, node, pod IP)` of the running web pods.
 fn web_pods(bins: &Path, kc: &Path) -> Vec<(String, String, String)> {
-    let r = kubectl(bins, kc, &["get", "pods", "-l", "app=web", "-o", "json"]);
-    if !r.ok {
-        return Vec::new();
-    }
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_default();
-    v["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    items(bins, kc, &["get", "pods", "-l", "app=web", "-o", "json"])
         .iter()
         .filter(|p| {
             p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()

@@ -59,6 +59,15 @@ pub(super) fn require_binaries(
     }
 }
 
+/// CIDRs as a flag value (`a,b`).
+pub(super) fn join_cidrs(cidrs: &[machine_api::config::Cidr]) -> String {
+    cidrs
+        .iter()
+        .map(|c| c.0.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Flags with the config's `extraArgs` merged over ours (theirs win), as
 /// `--key=value`, sorted so the spec hash is stable.
 pub(super) fn flags(
@@ -128,18 +137,8 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
         }
     }
     let net = &cfg.cluster.network;
-    let service_cidrs = net
-        .service_cidrs
-        .iter()
-        .map(|c| c.0.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let pod_cidrs = net
-        .pod_cidrs
-        .iter()
-        .map(|c| c.0.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let service_cidrs = join_cidrs(&net.service_cidrs);
+    let pod_cidrs = join_cidrs(&net.pod_cidrs);
     let f = |n: &str| files.path(n);
     let audit_dir = ctx.paths.log_dir().join("kubernetes");
     std::fs::create_dir_all(&audit_dir)

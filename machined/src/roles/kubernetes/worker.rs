@@ -193,12 +193,7 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
     let endpoint = endpoint.trim_end_matches('/');
     let net = &cfg.cluster.network;
     let cluster_dns = super::bootstrap::service_ip(cfg, 10).map_err(err)?;
-    let pod_cidrs = net
-        .pod_cidrs
-        .iter()
-        .map(|c| c.0.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let pod_cidrs = super::join_cidrs(&net.pod_cidrs);
     write_if_changed(&dir.join("ca.crt"), &ca.crt, 0o644)?;
     write_if_changed(
         &dir.join("bootstrap.conf"),
