@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # CI=... is kept.
 export CI="${CI:-1}"
 # Real node parts for the integration tests (Debian packages).
-export EXTRA_APT_PACKAGES="etcd-server etcd-client containerd runc qemu-system-x86 ovmf cpio gdisk mtools squashfs-tools dosfstools e2fsprogs zstd curl busybox-static ${EXTRA_APT_PACKAGES:-}"
+export EXTRA_APT_PACKAGES="etcd-server etcd-client containerd runc qemu-system-x86 ovmf cpio gdisk mtools squashfs-tools dosfstools e2fsprogs zstd curl busybox-static python3-venv ${EXTRA_APT_PACKAGES:-}"
 source scripts/setup.sh
 # CI builds once: incremental caches would only add gigabytes to target/.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
@@ -19,6 +19,16 @@ free_kib=$(df -Pk target | awk 'NR==2 {print $4}')
 if [ "${free_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
   echo "warning: only $((free_kib / 1024)) MiB free for target/ and temporary files; the suite needs about 8 GiB" >&2
 fi
+# Python checkers for the tests (imager/tests/sbom_validates.rs runs
+# cyclonedx-python-lib's strict CycloneDX 1.5 schema validator), in a
+# virtualenv of their own.
+if [ ! -x target/pyenv/bin/python ]; then
+  python3 -m venv target/pyenv
+fi
+if ! target/pyenv/bin/python -c 'import cyclonedx.validation.json, jsonschema' 2>/dev/null; then
+  target/pyenv/bin/pip install --quiet 'cyclonedx-python-lib[json-validation]==11.12.0'
+fi
+export PYTHON_CHECKERS="$PWD/target/pyenv/bin/python"
 # Kubernetes built from the pinned Go modules, for the control-plane tests
 # (cached outside the work tree, keyed by release and go.sum: a warm run
 # takes seconds, a cold one about 13 minutes on 2 cores).

@@ -153,6 +153,26 @@ pub struct BuildOptions {
     pub config_ca: Option<PathBuf>,
     pub source_date_epoch: Option<u64>,
     pub jobs: usize,
+    /// How machined, init and pause came to be ([`crate::our_binaries`]).
+    pub ours: OursProvenance,
+    /// Sign the manifest with this ed25519 key (read and checked before
+    /// any slow work).
+    pub sign: Option<std::sync::Arc<machine_api::image_signature::SigningKey>>,
+}
+
+/// Where our binaries came from, for the manifest: a rebuild needs it.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OursProvenance {
+    /// `workspace` (built by imager with paths remapped) or `given`
+    /// (--machined/--init/--pause).
+    pub built_by: String,
+    /// `rustc -vV` of the workspace build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rustc: Option<String>,
+    /// The workspace's git commit (`-dirty` when it had changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -161,6 +181,14 @@ pub struct Manifest {
     pub profile: ManifestProfile,
     pub source_date_epoch: u64,
     pub imager_version: String,
+    /// How machined, init and pause were built (toolchain, commit).
+    pub our_build: OursProvenance,
+    /// The sha256 of the machine config baked in with --embed-config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedded_config_sha256: Option<String>,
+    /// The sha256 of the --config-ca bundle baked in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_ca_sha256: Option<String>,
     pub suite: String,
     pub release_sha256: String,
     pub inputs: Vec<ManifestInput>,
@@ -260,7 +288,7 @@ fn read_sparse(path: &Path, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result
     Ok(())
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     read_sparse(path, |b| {
         h.update(b);
@@ -284,9 +312,18 @@ fn record(p: &LockedPackage) -> PackageRecord {
     }
 }
 
+/// Which package (index into the lock) wrote each unpacked path last.
+type UnpackedBy = std::collections::BTreeMap<PathBuf, usize>;
+
 /// Unpacks every .deb (in parallel), then merges the trees in lock order so
-/// a file shipped twice resolves the same way every build.
-fn unpack_all(debs: &[PathBuf], shas: &[String], cache_dir: &Path, jobs: usize) -> Result<Tree> {
+/// a file shipped twice resolves the same way every build. Also says which
+/// package each path came from (for the SBOM).
+fn unpack_all(
+    debs: &[PathBuf],
+    shas: &[String],
+    cache_dir: &Path,
+    jobs: usize,
+) -> Result<(Tree, UnpackedBy)> {
     let jobs = jobs.max(1);
     // Largest first, so the biggest package (the kernel) does not start last.
     let mut by_size: Vec<(usize, PathBuf, u64)> = debs
@@ -336,12 +373,14 @@ fn unpack_all(debs: &[PathBuf], shas: &[String], cache_dir: &Path, jobs: usize) 
     }
     trees.sort_by_key(|(i, _)| *i);
     let mut staging = Tree::new();
-    for (_, t) in trees {
+    let mut by = UnpackedBy::new();
+    for (i, t) in trees {
         for (p, e) in t.iter() {
             staging.insert(p, e.clone())?;
+            by.insert(p.to_path_buf(), i);
         }
     }
-    Ok(staging)
+    Ok((staging, by))
 }
 
 fn write_zstd_cpio(tree: &Tree, epoch: u64, path: &Path) -> Result<()> {
@@ -409,7 +448,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         .context("fetching the locked packages (a checksum mismatch means the lock no longer matches the archive: run `imager lock`)")?;
     progress.step("unpacking");
     let shas: Vec<String> = lock.packages.iter().map(|p| p.sha256.clone()).collect();
-    let mut staging = unpack_all(&debs, &shas, &cache.dir, opts.jobs)?;
+    let (mut staging, unpacked_by) = unpack_all(&debs, &shas, &cache.dir, opts.jobs)?;
     assemble::usrmerge_links(&mut staging)?;
 
     // 2. The image tree.
@@ -433,7 +472,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             Entry::file(*mode, text.clone().into_bytes()),
         )?;
     }
-    let added = {
+    let kube = {
         // The source build's output lives here until it is read.
         let work = tempfile::tempdir_in(&opts.output)?;
         crate::kubernetes::add(
@@ -444,11 +483,12 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
             progress,
         )?
     };
-    let kubernetes = added.manifest;
+    let kubernetes = kube.manifest;
+    let coredns_data = kube.coredns.as_ref().ok().map(|c| c.data.clone());
     progress.step(format!("kubernetes: {}", kubernetes.note));
     progress.step("container images (OCI archives)");
     let (container_images, container_images_note) =
-        bake_container_images(opts, &lock, &staging, added.coredns, epoch, &mut image)?;
+        bake_container_images(opts, &lock, &staging, kube.coredns, epoch, &mut image)?;
     for i in &container_images {
         progress.step(format!(
             "container image {} ({} bytes, manifest {})",
@@ -468,6 +508,54 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     // 3. Outputs.
     let name = &profile.name;
     let mut outputs: Vec<(PathBuf, &str)> = Vec::new();
+    progress.step("listing the image tree (sha256 of every file)");
+    let digests = crate::listing::file_digests(&image, opts.jobs);
+    let lines = crate::listing::lines(&image, &digests);
+    for (file, text, kind) in [
+        (
+            artifact::tree_listing(name),
+            crate::listing::render(&lines),
+            "tree",
+        ),
+        (
+            artifact::file_sums(name),
+            crate::listing::render_sha256sums(&lines),
+            "file-sums",
+        ),
+    ] {
+        let p = opts.output.join(file);
+        machine_api::atomic::write_atomic(&p, text.as_bytes(), 0o644)?;
+        outputs.push((p, kind));
+    }
+    let ours = vec![
+        (
+            "machined",
+            "/usr/bin/machined".to_owned(),
+            sha256_file(&opts.machined)?,
+        ),
+        ("init", "/init".to_owned(), sha256_file(&opts.init)?),
+        ("pause", String::new(), sha256_file(&opts.pause)?),
+    ];
+    let sbom_input = crate::build_sbom::input(&crate::build_sbom::Parts {
+        name,
+        epoch,
+        lock: &lock,
+        unpacked_by: &unpacked_by,
+        image: &image,
+        lines: &lines,
+        ours: ours.clone(),
+        provenance: &opts.ours,
+        kubernetes: &kubernetes,
+        container_images: &container_images,
+        coredns: coredns_data.as_deref(),
+    })?;
+    let sbom_path = opts.output.join(artifact::sbom(name));
+    machine_api::atomic::write_atomic(
+        &sbom_path,
+        &crate::sbom::cyclonedx_json(&sbom_input)?,
+        0o644,
+    )?;
+    outputs.push((sbom_path, "sbom"));
     let kernel_path = opts.output.join(artifact::kernel(name));
     std::fs::write(&kernel_path, &kernel)?;
     outputs.push((kernel_path, "kernel"));
@@ -481,6 +569,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         let disk = write_disk(
             opts, &profile, &lock, &staging, &image, &kernel, epoch, progress,
         )?;
+        outputs.push((opts.output.join(artifact::root(name)), "root"));
         outputs.push((disk.clone(), "disk"));
         // The disk's own small initramfs, also as a file: with `slot=A` a
         // VM boots kernel + this initrd directly and takes its root from
@@ -539,6 +628,9 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         },
         source_date_epoch: epoch,
         imager_version: env!("CARGO_PKG_VERSION").into(),
+        our_build: opts.ours.clone(),
+        embedded_config_sha256: opts.embed_config.as_deref().map(sha256_file).transpose()?,
+        config_ca_sha256: opts.config_ca.as_deref().map(sha256_file).transpose()?,
         suite: lock.suite.clone(),
         release_sha256: lock.release_sha256.clone(),
         inputs: lock
@@ -551,20 +643,17 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
                 from: p.filename.clone(),
             })
             .collect(),
-        our_binaries: vec![
-            ManifestFile {
-                path: "/usr/bin/machined".into(),
-                sha256: sha256_file(&opts.machined)?,
-            },
-            ManifestFile {
-                path: "/init".into(),
-                sha256: sha256_file(&opts.init)?,
-            },
-            ManifestFile {
-                path: format!("/pause in {}", machine_api::layout::images::PAUSE),
-                sha256: sha256_file(&opts.pause)?,
-            },
-        ],
+        our_binaries: ours
+            .into_iter()
+            .map(|(name, path, sha256)| ManifestFile {
+                path: if path.is_empty() {
+                    format!("/{name} in {}", machine_api::layout::images::PAUSE)
+                } else {
+                    path
+                },
+                sha256,
+            })
+            .collect(),
         kubernetes,
         container_images,
         container_images_note,
@@ -575,13 +664,27 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         },
         outputs: out,
     };
-    let mpath = opts.output.join("manifest.json");
-    machine_api::atomic::write_atomic(
-        &mpath,
-        (serde_json::to_string_pretty(&manifest)? + "\n").as_bytes(),
-        0o644,
-    )?;
+    let mpath = opts.output.join(artifact::MANIFEST);
+    let text = serde_json::to_string_pretty(&manifest)? + "\n";
+    let sig_path = opts.output.join(artifact::MANIFEST_SIGNATURE);
+    // A signature of an earlier build must not sit beside this manifest.
+    let _ = std::fs::remove_file(&sig_path);
+    machine_api::atomic::write_atomic(&mpath, text.as_bytes(), 0o644)?;
     progress.step(format!("wrote {}", mpath.display()));
+    if let Some(key) = &opts.sign {
+        let signature = key.sign(text.as_bytes());
+        machine_api::atomic::write_atomic(&sig_path, &signature, 0o644)?;
+        progress.step(format!(
+            "signed the manifest with {} ({})",
+            key.public().id(),
+            sig_path.display()
+        ));
+    }
+    if profile.outputs.contains(&OutputKind::Disk) {
+        let bundle = opts.output.join(artifact::upgrade_bundle(name));
+        progress.step(format!("writing the upgrade bundle {}", bundle.display()));
+        crate::bundle::write(&bundle, &opts.output, name, epoch)?;
+    }
     Ok(manifest)
 }
 
@@ -664,7 +767,8 @@ fn write_disk(
     let name = &profile.name;
     let work = tempfile::tempdir_in(&opts.output)?;
     progress.step("writing the root filesystem (squashfs, zstd)");
-    let root = work.path().join("root.squashfs");
+    // Kept as an output too: it is what an upgrade writes into a slot.
+    let root = opts.output.join(artifact::root(name));
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&root)?);
         squashfs::write(image, epoch as u32, squashfs::Compression::Zstd, &mut f)?;

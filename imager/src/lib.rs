@@ -1,11 +1,17 @@
 pub mod assemble;
 pub mod build;
+pub mod build_sbom;
+pub mod bundle;
 pub mod container_images;
 pub mod format;
 pub mod inspect;
 pub mod kubernetes;
+pub mod listing;
 pub mod lock;
 pub mod oci;
+pub mod our_binaries;
 pub mod profile;
+pub mod sbom;
 pub mod source;
 pub mod tree;
+pub mod verify;

@@ -86,6 +86,52 @@ enum Command {
         /// Parallel unpack jobs.
         #[arg(long, short = 'j', default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))]
         jobs: usize,
+        /// Sign manifest.json with this ed25519 private key (PKCS#8 PEM,
+        /// from `osctl gen signing-key`): writes manifest.json.sig, which
+        /// nodes check against machine.upgrade.trustedImageKeys.
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
+    },
+    /// Check a build against its manifest: every output's size and sha256,
+    /// the signature (with --key), or an upgrade bundle's members. With
+    /// --rebuild, build again from the manifest's recorded inputs and
+    /// name the first file of the image tree that differs.
+    Verify {
+        /// manifest.json (the outputs beside it) or an upgrade bundle (.tar).
+        path: PathBuf,
+        /// A trusted public key (PEM, from `osctl gen signing-key`); the
+        /// manifest must be signed by one of them. Repeatable.
+        #[arg(long = "key", value_name = "PUB")]
+        keys: Vec<PathBuf>,
+        /// Rebuild from the recorded inputs and compare byte for byte.
+        #[arg(long)]
+        rebuild: bool,
+        /// Where the rebuild goes (default: a temporary directory, removed
+        /// when the outputs match).
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+        /// The profile (default: profiles/NAME.yaml of the workspace);
+        /// its sha256 must be the manifest's.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        #[arg(long, env = "IMAGER_MIRROR")]
+        mirror: Option<String>,
+        /// For a build that was given --machined/--init/--pause.
+        #[arg(long)]
+        machined: Option<PathBuf>,
+        #[arg(long)]
+        init: Option<PathBuf>,
+        #[arg(long)]
+        pause: Option<PathBuf>,
+        /// For a build whose Kubernetes binaries came from a directory.
+        #[arg(long, value_name = "DIR")]
+        kubernetes_dir: Option<PathBuf>,
+        /// For a build with an embedded config (its sha256 must match).
+        #[arg(long, value_name = "FILE")]
+        embed_config: Option<PathBuf>,
+        /// For a build with --config-ca (its sha256 must match).
+        #[arg(long, value_name = "FILE")]
+        config_ca: Option<PathBuf>,
     },
     /// Resolve PROFILE's packages in the signed index and write PROFILE.lock.
     Lock {
@@ -102,27 +148,13 @@ enum Command {
     },
 }
 
-/// Our binaries when --machined/--init/--pause are not given: the workspace's
-/// release build (built now with cargo when missing and we are in the
-/// workspace), else the ones beside this imager.
-fn default_bin(name: &str) -> PathBuf {
-    let release = Path::new("target/release").join(name);
-    if !release.exists() && Path::new("machined/Cargo.toml").exists() {
-        eprintln!(
-            "building our {name} from the workspace (cargo build --release -p machined --bins)"
-        );
-        let _ = std::process::Command::new("cargo")
-            .args(["build", "--release", "-p", "machined", "--bins"])
-            .status();
-    }
-    if release.exists() {
-        return release;
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join(name)))
-        .filter(|p| p.exists())
-        .unwrap_or(release)
+fn signing_key(path: &Path) -> Result<machine_api::image_signature::SigningKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--sign {}", path.display()))?;
+    Ok(machine_api::image_signature::SigningKey::from_pkcs8_pem(
+        &text,
+        &path.display().to_string(),
+    )?)
 }
 
 fn main() -> ExitCode {
@@ -144,14 +176,22 @@ fn main() -> ExitCode {
             config_ca,
             source_date_epoch,
             jobs,
-        } => {
+            sign,
+        } => (|| {
+            let sign = sign
+                .as_deref()
+                .map(signing_key)
+                .transpose()?
+                .map(std::sync::Arc::new);
+            let (machined, init, pause, ours) =
+                imager::our_binaries::resolve(machined, init, pause, cli.quiet)?;
             let opts = BuildOptions {
                 profile,
                 output,
                 mirror,
-                machined: machined.unwrap_or_else(|| default_bin("machined")),
-                init: init.unwrap_or_else(|| default_bin("init")),
-                pause: pause.unwrap_or_else(|| default_bin("pause")),
+                machined,
+                init,
+                pause,
                 kubernetes: match (kubernetes_dir, kubernetes_tarball, kubernetes_source) {
                     _ if no_kubernetes => KubeSource::None,
                     (Some(d), _, _) => KubeSource::Dir(d),
@@ -163,6 +203,8 @@ fn main() -> ExitCode {
                 config_ca,
                 source_date_epoch,
                 jobs,
+                ours,
+                sign,
             };
             build::build(&opts, &progress).map(|m| {
                 for o in &m.outputs {
@@ -189,7 +231,48 @@ fn main() -> ExitCode {
                 }
                 println!("container images: {}", m.container_images_note);
             })
-        }
+        })(),
+        Command::Verify {
+            path,
+            keys,
+            rebuild,
+            output,
+            profile,
+            mirror,
+            machined,
+            init,
+            pause,
+            kubernetes_dir,
+            embed_config,
+            config_ca,
+        } => (|| {
+            let keys = imager::verify::load_keys(&keys)?;
+            if !rebuild {
+                return imager::verify::check(&path, &keys);
+            }
+            imager::verify::check(&path, &keys)?;
+            let given = match (machined, init, pause) {
+                (Some(m), Some(i), Some(p)) => Some((m, i, p)),
+                (None, None, None) => None,
+                _ => bail!("give all of --machined, --init and --pause, or none"),
+            };
+            imager::verify::rebuild(
+                &path,
+                &imager::verify::RebuildOptions {
+                    output,
+                    profile,
+                    mirror,
+                    given,
+                    kubernetes_dir,
+                    embed_config,
+                    config_ca,
+                    jobs: std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(2),
+                },
+                &progress,
+            )
+        })(),
         Command::Lock { profile, mirror } => build::lock(&profile, mirror.as_deref(), &progress)
             .and_then(|lock| {
                 let path = Lock::path_for(&profile);

@@ -281,33 +281,237 @@ fn disk_reads_back_with_sgdisk_mtools_and_unsquashfs() {
     );
 }
 
+/// Flips one byte in the middle of a file.
+fn flip_byte(p: &Path) {
+    let mut b = std::fs::read(p).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0x20;
+    std::fs::write(p, b).unwrap();
+}
+
+/// The lock's sha256 of a package.
+fn locked_sha(profile: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(profile.with_extension("lock")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let i = lines
+        .iter()
+        .position(|l| l.trim_start().trim_start_matches("- ") == format!("name: {name}"))
+        .unwrap_or_else(|| panic!("{name} is not in the lock"));
+    lines[i..]
+        .iter()
+        .find_map(|l| l.trim_start().strip_prefix("sha256: "))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// A second build, from a private copy of the package cache in which one
+/// cached .deb and one unpacked tree have a flipped byte: both are
+/// reported, discarded and made again, and every output (and the
+/// manifest) equals the first build's. The second build is signed; the
+/// signature is a file beside the manifest and changes no output.
 fn same_profile_and_lock_build_byte_identical_outputs() {
     let Some((out, tmp)) = built() else { return };
     let profile = tmp.path().join("qemu.yaml");
     let again = tmp.path().join("again");
-    let (ok, text) = imager(&[
-        "build",
-        profile.to_str().unwrap(),
-        "-o",
-        again.to_str().unwrap(),
-        "--machined",
-        our_bin("machined").to_str().unwrap(),
-        "--init",
-        our_bin("init").to_str().unwrap(),
-        "--pause",
-        our_bin("pause").to_str().unwrap(),
-        "--no-kubernetes",
-    ]);
-    assert!(ok, "{text}");
+    let cache = tmp.path().join("cache");
+    let shared = imager::source::Cache::default_dir();
+    for sub in ["sha256", "unpacked"] {
+        std::fs::create_dir_all(cache.join(sub)).unwrap();
+        for e in std::fs::read_dir(shared.join(sub)).unwrap().flatten() {
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), cache.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let deb = cache
+        .join("sha256")
+        .join(locked_sha(&profile, "etcd-server"));
+    let unpacked = cache
+        .join("unpacked")
+        .join(format!("{}.data.tar", locked_sha(&profile, "runc")));
+    assert!(
+        deb.is_file() && unpacked.is_file(),
+        "the first build cached both"
+    );
+    flip_byte(&deb);
+    flip_byte(&unpacked);
+
+    let key = machine_api::image_signature::SigningKey::generate().unwrap();
+    let key_file = tmp.path().join("image-signing.key");
+    std::fs::write(&key_file, key.to_pkcs8_pem()).unwrap();
+    let out_text = Command::new(env!("CARGO_BIN_EXE_imager"))
+        .args([
+            "build",
+            profile.to_str().unwrap(),
+            "-o",
+            again.to_str().unwrap(),
+        ])
+        .arg("--machined")
+        .arg(our_bin("machined"))
+        .arg("--init")
+        .arg(our_bin("init"))
+        .arg("--pause")
+        .arg(our_bin("pause"))
+        .arg("--no-kubernetes")
+        .arg("--sign")
+        .arg(&key_file)
+        .env("IMAGER_CACHE", &cache)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out_text.stdout).into_owned()
+        + &String::from_utf8_lossy(&out_text.stderr);
+    assert!(out_text.status.success(), "{text}");
+    assert!(
+        text.contains("warning: cached package etcd-server")
+            && text.contains("does not match its sha256"),
+        "the tampered .deb was not reported:\n{text}"
+    );
+    assert!(
+        text.contains("warning: cached unpacked tree")
+            && text.contains("does not match the sha256 recorded when it was made"),
+        "the tampered unpacked tree was not reported:\n{text}"
+    );
     for f in [
         "qemu-initramfs.cpio.zst",
         "qemu-disk.raw",
         "qemu-vmlinuz",
+        "qemu-boot-initrd.cpio.zst",
+        "qemu-root.squashfs",
+        "qemu-tree.txt",
+        "qemu-files.sha256",
+        "qemu-sbom.cdx.json",
+        "qemu-upgrade.tar",
         "manifest.json",
     ] {
         let a = std::fs::read(out.join(f)).unwrap();
-        let b = std::fs::read(again.join(f)).unwrap();
+        let b = std::fs::read(again.join(f)).unwrap_or_default();
+        if f == "qemu-upgrade.tar" {
+            // The signed build's bundle carries the signature too.
+            assert!(b.len() > a.len(), "{f}");
+            continue;
+        }
         assert!(a == b, "{f} differs between two builds");
+    }
+    // The repaired entries verify again.
+    assert!(
+        std::fs::read(&deb).is_ok_and(|d| sha256_hex(&d) == locked_sha(&profile, "etcd-server"))
+    );
+    signed_outputs_verify_and_tampering_is_refused(&again, &key);
+}
+
+fn sha256_hex(d: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(d))
+}
+
+/// `imager verify`: the manifest with the right key, refused with another
+/// key; the upgrade bundle likewise, and refused with one byte changed; an
+/// output with one byte changed is named.
+fn signed_outputs_verify_and_tampering_is_refused(
+    dir: &Path,
+    key: &machine_api::image_signature::SigningKey,
+) {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let good = keys.join("good.pub");
+    let other = keys.join("other.pub");
+    std::fs::write(&good, key.public().to_pem()).unwrap();
+    let stranger = machine_api::image_signature::SigningKey::generate().unwrap();
+    std::fs::write(&other, stranger.public().to_pem()).unwrap();
+    let manifest = dir.join("manifest.json");
+    let m = manifest.to_str().unwrap();
+    let (ok, text) = imager(&["verify", m, "--key", good.to_str().unwrap()]);
+    assert!(
+        ok && text.contains("signature  ok") && text.contains("verified:"),
+        "{text}"
+    );
+    let (ok, text) = imager(&["verify", m, "--key", other.to_str().unwrap()]);
+    assert!(!ok && text.contains("signature check failed"), "{text}");
+    // An independent checker agrees: openssl verifies the signature.
+    let o = Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
+        .arg(&good)
+        .args(["-rawin", "-in"])
+        .arg(&manifest)
+        .arg("-sigfile")
+        .arg(dir.join("manifest.json.sig"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "openssl: {o:?}");
+
+    let bundle = dir.join("qemu-upgrade.tar");
+    let b = bundle.to_str().unwrap();
+    let (ok, text) = imager(&["verify", b, "--key", good.to_str().unwrap()]);
+    assert!(ok && text.contains("signature  ok"), "{text}");
+    let (ok, text) = imager(&["verify", b, "--key", other.to_str().unwrap()]);
+    assert!(!ok && text.contains("signature check failed"), "{text}");
+    flip_byte(&bundle);
+    let (ok, text) = imager(&["verify", b, "--key", good.to_str().unwrap()]);
+    assert!(!ok && text.contains("file check failed"), "{text}");
+
+    flip_byte(&dir.join("qemu-vmlinuz"));
+    let (ok, text) = imager(&["verify", m]);
+    assert!(
+        !ok && text.contains("qemu-vmlinuz") && text.contains("SHA256 DIFFERS"),
+        "{text}"
+    );
+}
+
+/// The SBOM names etcd, containerd, runc and the kernel with the locked
+/// versions, nests each file under its package, and an independent
+/// CycloneDX validator accepts it.
+fn sbom_lists_the_locked_packages() {
+    let Some((out, tmp)) = built() else { return };
+    let text = std::fs::read_to_string(out.join("qemu-sbom.cdx.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["specVersion"], "1.5");
+    let lock = std::fs::read_to_string(tmp.path().join("qemu.lock")).unwrap();
+    let comps = v["components"].as_array().unwrap();
+    for want in ["etcd-server", "containerd", "runc", "linux-image-"] {
+        let c = comps
+            .iter()
+            .find(|c| c["name"].as_str().is_some_and(|n| n.starts_with(want)))
+            .unwrap_or_else(|| panic!("{want} is not in the SBOM"));
+        let version = c["version"].as_str().unwrap();
+        assert!(
+            lock.contains(&format!("version: {version}"))
+                || lock.contains(&format!("version: '{version}'")),
+            "{want} {version} is not the locked version"
+        );
+        let files = c["components"].as_array().map(Vec::len).unwrap_or(0);
+        assert!(files > 0, "{want} lists no files");
+    }
+    let etcd = comps.iter().find(|c| c["name"] == "etcd-server").unwrap();
+    assert!(
+        etcd["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "/usr/bin/etcd"),
+        "/usr/bin/etcd is not under etcd-server"
+    );
+    let python = std::env::var("PYTHON_CHECKERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target/pyenv/bin/python"));
+    let check = Command::new(&python)
+        .args([
+            "-c",
+            "import sys\nfrom cyclonedx.validation.json import JsonStrictValidator\nfrom cyclonedx.schema import SchemaVersion\ne = JsonStrictValidator(SchemaVersion.V1_5).validate_str(open(sys.argv[1]).read())\nprint(e or 'valid')\nsys.exit(1 if e else 0)",
+        ])
+        .arg(out.join("qemu-sbom.cdx.json"))
+        .output();
+    match check {
+        Ok(o) => assert!(
+            o.status.success(),
+            "the CycloneDX validator refused the SBOM: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => skip(format!(
+            "no CycloneDX validator ({}: {e}); scripts/test.sh installs it",
+            python.display()
+        )),
     }
 }
 
@@ -507,6 +711,7 @@ fn qemu_profile_builds_reads_back_reproduces_and_boots() {
     }
     initramfs_reads_back_with_cpio();
     disk_reads_back_with_sgdisk_mtools_and_unsquashfs();
+    sbom_lists_the_locked_packages();
     same_profile_and_lock_build_byte_identical_outputs();
     kernel_and_initramfs_boot_to_our_init_under_qemu();
     disk_image_boots_through_ovmf_and_systemd_boot();

@@ -178,6 +178,39 @@ pub mod artifact {
     pub fn disk(name: &str) -> String {
         format!("{name}{DISK_SUFFIX}")
     }
+    /// Slot A's root filesystem (squashfs), as on the disk: what an
+    /// upgrade writes into the other slot.
+    pub fn root(name: &str) -> String {
+        format!("{name}{ROOT_SUFFIX}")
+    }
+    /// Every entry of the image tree, one line each (path, type, mode,
+    /// size, sha256 or link target): what `imager verify --rebuild`
+    /// compares to name the first file that differs.
+    pub fn tree_listing(name: &str) -> String {
+        format!("{name}{TREE_SUFFIX}")
+    }
+    /// The image's regular files in `sha256sum -c` format, relative to the
+    /// root (check an unpacked initramfs or squashfs with it).
+    pub fn file_sums(name: &str) -> String {
+        format!("{name}{FILE_SUMS_SUFFIX}")
+    }
+    /// The software bill of materials (CycloneDX JSON).
+    pub fn sbom(name: &str) -> String {
+        format!("{name}{SBOM_SUFFIX}")
+    }
+    /// The upgrade bundle: one tar of the manifest, its signature and the
+    /// files of a slot (kernel, boot initramfs, root).
+    pub fn upgrade_bundle(name: &str) -> String {
+        format!("{name}{UPGRADE_SUFFIX}")
+    }
+    /// The build's manifest, and its detached signature beside it.
+    pub const MANIFEST: &str = "manifest.json";
+    pub const MANIFEST_SIGNATURE: &str = "manifest.json.sig";
+    pub const ROOT_SUFFIX: &str = "-root.squashfs";
+    pub const TREE_SUFFIX: &str = "-tree.txt";
+    pub const FILE_SUMS_SUFFIX: &str = "-files.sha256";
+    pub const SBOM_SUFFIX: &str = "-sbom.cdx.json";
+    pub const UPGRADE_SUFFIX: &str = "-upgrade.tar";
     pub const KERNEL_SUFFIX: &str = "-vmlinuz";
     pub const INITRAMFS_SUFFIX: &str = "-initramfs.cpio.zst";
     pub const BOOT_INITRD_SUFFIX: &str = "-boot-initrd.cpio.zst";

@@ -7,12 +7,25 @@ use std::sync::OnceLock;
 
 use machine_api::config::generate::{machine_config, ClusterInput};
 use machine_api::config::{MachineConfig, Role};
+use machine_api::image_signature::{SigningKey, TrustedKey};
 use machine_api::pki::bundle::SecretsBundle;
 use serde_json::{json, Value};
 
 fn bundle() -> &'static SecretsBundle {
     static B: OnceLock<SecretsBundle> = OnceLock::new();
     B.get_or_init(|| SecretsBundle::generate().unwrap())
+}
+
+/// A public key in PEM, as `osctl gen signing-key` writes it: the `n`th of
+/// a fixed few, so cases can list several different keys.
+fn image_key(n: usize) -> String {
+    static KEYS: OnceLock<Vec<String>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        (0..17)
+            .map(|_| SigningKey::generate().unwrap().public().to_pem())
+            .collect()
+    })[n]
+        .clone()
 }
 
 fn base(roles: &[Role]) -> Value {
@@ -510,6 +523,83 @@ fn corpus_of_bad_documents() {
             },
             &["machine.network.interfaces[0].mtu"],
         ),
+        (
+            "trusted image key that is not a key",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/upgrade",
+                    json!({"trustedImageKeys": [image_key(0), "ssh-ed25519 AAAA builder"]}),
+                )
+            },
+            &["machine.upgrade.trustedImageKeys[1]"],
+        ),
+        (
+            "trusted image key that is a certificate",
+            CP,
+            |d| {
+                let crt = bundle().os_ca.crt.clone();
+                set(d, "/machine/upgrade", json!({"trustedImageKeys": [crt]}))
+            },
+            &["machine.upgrade.trustedImageKeys[0]"],
+        ),
+        (
+            "trusted image key that is the private key",
+            W,
+            |d| {
+                let private = SigningKey::generate().unwrap().to_pkcs8_pem();
+                set(
+                    d,
+                    "/machine/upgrade",
+                    json!({"trustedImageKeys": [private]}),
+                )
+            },
+            &["machine.upgrade.trustedImageKeys[0]"],
+        ),
+        (
+            "trusted image key listed twice",
+            W,
+            |d| {
+                let again = format!("\n{}", image_key(0));
+                set(
+                    d,
+                    "/machine/upgrade",
+                    json!({"trustedImageKeys": [image_key(0), image_key(1), again]}),
+                )
+            },
+            &["machine.upgrade.trustedImageKeys[2]"],
+        ),
+        (
+            "17 trusted image keys",
+            W,
+            |d| {
+                let keys: Vec<String> = (0..17).map(image_key).collect();
+                set(d, "/machine/upgrade", json!({"trustedImageKeys": keys}))
+            },
+            &["machine.upgrade.trustedImageKeys"],
+        ),
+        (
+            "trusted image keys as one string",
+            W,
+            |d| {
+                set(
+                    d,
+                    "/machine/upgrade",
+                    json!({"trustedImageKeys": image_key(0)}),
+                )
+            },
+            &["machine.upgrade.trustedImageKeys"],
+        ),
+        (
+            "escape in a trusted image key",
+            W,
+            |d| {
+                let key = image_key(0).replace("-----\n", "-----\n\u{1b}");
+                set(d, "/machine/upgrade", json!({"trustedImageKeys": [key]}))
+            },
+            &["machine.upgrade.trustedImageKeys[0]"],
+        ),
     ];
     for (name, roles, mutate, paths) in cases {
         let mut doc = base(roles);
@@ -601,6 +691,60 @@ fn redaction_removes_every_private_key_and_token() {
     assert!(!shown.contains(&bundle().machine_token));
     assert!(!shown.contains(&bundle().secretbox_encryption_secret));
     assert!(shown.contains("BEGIN CERTIFICATE"));
+}
+
+#[test]
+fn trusted_image_keys_are_read_from_a_valid_config() {
+    for roles in [CP, W] {
+        let mut doc = base(roles);
+        set(
+            &mut doc,
+            "/machine/upgrade",
+            json!({"trustedImageKeys": [image_key(0), image_key(1)]}),
+        );
+        let text = serde_norway::to_string(&doc).unwrap();
+        assert!(text.contains("trustedImageKeys:"), "{text}");
+        let cfg = MachineConfig::parse(&text).unwrap_or_else(|p| panic!("{p}"));
+        let want: Vec<TrustedKey> = [image_key(0), image_key(1)]
+            .iter()
+            .map(|k| TrustedKey::from_pem(k, "k").unwrap())
+            .collect();
+        assert_eq!(cfg.trusted_image_keys(), want);
+        // Written back as it was read.
+        assert_eq!(MachineConfig::parse(&cfg.to_yaml()).unwrap(), cfg);
+    }
+    // Without the section, no keys and nothing written.
+    let cfg = MachineConfig::parse(&serde_norway::to_string(&base(W)).unwrap()).unwrap();
+    assert!(cfg.trusted_image_keys().is_empty());
+    assert!(!cfg.to_yaml().contains("upgrade"));
+}
+
+#[test]
+fn a_bad_trusted_image_key_says_what_to_give() {
+    let mut doc = base(W);
+    set(
+        &mut doc,
+        "/machine/upgrade",
+        json!({"trustedImageKeys": [image_key(0), "hello", image_key(0)]}),
+    );
+    let got = problems_of(&serde_norway::to_string(&doc).unwrap());
+    let msg = |path: &str| {
+        got.iter()
+            .find(|p| p.0 == path)
+            .unwrap_or_else(|| panic!("no problem at {path}: {got:?}"))
+            .2
+            .clone()
+    };
+    let bad = msg("machine.upgrade.trustedImageKeys[1]");
+    assert!(
+        bad.contains("BEGIN PUBLIC KEY") && bad.contains("osctl gen signing-key"),
+        "{bad}"
+    );
+    let dup = msg("machine.upgrade.trustedImageKeys[2]");
+    assert!(
+        dup.contains("already listed at machine.upgrade.trustedImageKeys[0]"),
+        "{dup}"
+    );
 }
 
 /// Control characters are refused in every string field and name, and the

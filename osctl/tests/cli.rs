@@ -8,6 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use machine_api::config::MachineConfig;
+
 fn osctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_osctl"))
         .args(args)
@@ -408,4 +410,103 @@ fn docs_schema_into_a_closed_pipe_is_not_an_error() {
     drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+/// The process's umask, which narrows the modes files are created with.
+fn umask() -> u32 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+    u32::from_str_radix(line["Umask:".len()..].trim(), 8).unwrap()
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn gen_signing_key_writes_a_pair_openssl_reads_and_keeps_it_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("keys");
+    let d = out_dir.to_str().unwrap();
+    let out = osctl(&["gen", "signing-key", "-o", d]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (key, public) = (
+        out_dir.join("image-signing.key"),
+        out_dir.join("image-signing.pub"),
+    );
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(mode(&public), 0o644 & !umask());
+    let key_pem = fs::read_to_string(&key).unwrap();
+    assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
+
+    // openssl reads both, and they are one pair.
+    let (ok, t) = openssl(&["pkey", "-in", key.to_str().unwrap(), "-noout"]);
+    assert!(ok, "{t}");
+    let (ok, derived) = openssl(&["pkey", "-in", key.to_str().unwrap(), "-pubout"]);
+    assert!(ok, "{derived}");
+    assert_eq!(derived, fs::read_to_string(&public).unwrap());
+
+    // The id printed is the public key's, and the next steps are named.
+    let id = machine_api::image_signature::TrustedKey::from_pem(&derived, "pub")
+        .unwrap()
+        .id();
+    let t = text(&out);
+    for want in [
+        &format!("key id: {id}") as &str,
+        "imager build --sign",
+        "--image-key",
+        "machine.upgrade.trustedImageKeys",
+    ] {
+        assert!(t.contains(want), "missing {want}: {t}");
+    }
+
+    // An existing key is kept without --force, replaced with it.
+    let out = osctl(&["gen", "signing-key", "--output", d]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--force"), "{}", text(&out));
+    assert_eq!(fs::read_to_string(&key).unwrap(), key_pem);
+    let out = osctl(&["gen", "signing-key", "-o", d, "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_ne!(fs::read_to_string(&key).unwrap(), key_pem);
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(fs::read_dir(&out_dir).unwrap().count(), 2);
+}
+
+#[test]
+fn gen_config_carries_image_keys_into_both_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    assert!(osctl(&["gen", "signing-key", "-o", keys.to_str().unwrap()])
+        .status
+        .success());
+    let public = keys.join("image-signing.pub");
+    let p = public.to_str().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = gen(&out_dir, &["--image-key", p]);
+    assert!(out.status.success(), "{}", text(&out));
+    let want = fs::read_to_string(&public).unwrap();
+    for f in ["controlplane.yaml", "worker.yaml"] {
+        let cfg = MachineConfig::parse(&fs::read_to_string(out_dir.join(f)).unwrap()).unwrap();
+        assert_eq!(
+            cfg.machine.upgrade.trusted_image_keys,
+            vec![want.clone()],
+            "{f}"
+        );
+    }
+
+    // The same key twice, or a file that is not a public key, is refused
+    // in one line, before anything is written.
+    let key = keys.join("image-signing.key");
+    for (args, what) in [
+        (vec!["--image-key", p, "--image-key", p], "same key"),
+        (vec!["--image-key", key.to_str().unwrap()], "private key"),
+    ] {
+        let empty = dir.path().join("empty");
+        let out = gen(&empty, &args);
+        assert!(!out.status.success(), "{args:?} accepted");
+        let t = text(&out);
+        assert!(t.contains(what) && t.contains("--image-key"), "{t}");
+        assert_eq!(t.trim().lines().count(), 1, "{t}");
+        assert!(!empty.exists());
+    }
 }

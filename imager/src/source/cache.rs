@@ -95,6 +95,39 @@ impl Cache {
         Ok(dest)
     }
 
+    /// Checks a cached file against the hash (and size) it is stored
+    /// under, reading it in pieces. Err says what is wrong with it.
+    pub fn verify_file(
+        &self,
+        path: &std::path::Path,
+        sha256: &str,
+        size: u64,
+    ) -> Result<(), String> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| format!("cannot be read ({e})"))?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| format!("cannot be read ({e})"))?;
+            if n == 0 {
+                break;
+            }
+            len += n as u64;
+            h.update(&buf[..n]);
+        }
+        let got = hex::encode(h.finalize());
+        if got != sha256.to_ascii_lowercase() || len != size {
+            return Err(format!(
+                "does not match its sha256 (want {sha256}, {size} bytes; got {got}, {len} bytes)"
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads the cached object with this hash, re-checking it; a corrupt
     /// object (disk damage, manual edits) is removed and `None` returned.
     pub fn read_verified(&self, sha256: &str) -> Option<Vec<u8>> {

@@ -12,11 +12,23 @@ use super::{fetch, join_uri, verify_bytes, Cache, Mirror, PackageRecord, SourceE
 use crate::tree::{normalize, Entry, Tree};
 
 /// Returns the cached .deb of `rec`, downloading and verifying it first
-/// when it is not cached.
+/// when it is not cached. A cached file is hashed again before it is used
+/// (a flipped bit on disk, or a hand-edited cache, must not reach an
+/// image): one that does not match is reported, removed and downloaded
+/// again.
 fn fetch_deb(m: &Mirror, rec: &PackageRecord, cache: &Cache) -> Result<PathBuf, SourceError> {
     if let Some(p) = cache.get(&rec.sha256) {
-        if std::fs::metadata(&p).is_ok_and(|md| md.len() == rec.size) {
-            return Ok(p);
+        match cache.verify_file(&p, &rec.sha256, rec.size) {
+            Ok(()) => return Ok(p),
+            Err(why) => {
+                eprintln!(
+                    "warning: cached package {} {} ({}) {why}: discarded, downloading it again",
+                    rec.name,
+                    rec.version,
+                    p.display()
+                );
+                let _ = std::fs::remove_file(&p);
+            }
         }
     }
     let url = join_uri(&m.uri, &rec.filename);
@@ -103,8 +115,18 @@ pub fn unpack_deb(deb: &Path, tree: &mut Tree) -> Result<(), SourceError> {
 /// [`unpack_deb`] through a cache of the decompressed `data.tar`, keyed by
 /// the (already verified) .deb's sha256: decompressing xz is most of the
 /// cost of a build, and a rebuild that changes only our binaries should not
-/// pay it again. The entry is written to a temp file and renamed, so a
-/// crash never leaves a torn one.
+/// pay it again.
+///
+/// An entry is `unpacked/{deb sha256}.data.tar`: a header line with the
+/// SHA-256 of the tar that follows it, recorded when the entry was made,
+/// then the tar. It is hashed while it is read and the tree it gave is
+/// used only when the hash matches; an entry that does not match (or does
+/// not parse) is reported, removed and made again from the .deb. SHA-256
+/// rather than BLAKE3: with the CPU's SHA extensions it hashes the whole
+/// cache in a fraction of a second, and it needs no other crate.
+///
+/// The entry is written to a temp file, synced and renamed, so a crash
+/// never leaves a torn one.
 pub fn unpack_deb_cached(
     deb: &Path,
     deb_sha256: &str,
@@ -112,20 +134,112 @@ pub fn unpack_deb_cached(
     tree: &mut Tree,
 ) -> Result<(), SourceError> {
     let dir = cache_dir.join("unpacked");
-    let cached = dir.join(format!("{}.tar", deb_sha256.to_ascii_lowercase()));
+    let key = deb_sha256.to_ascii_lowercase();
+    let cached = dir.join(format!("{key}.data.tar"));
+    // Entries of the first format (no recorded digest) are not trusted.
+    let _ = std::fs::remove_file(dir.join(format!("{key}.tar")));
     if let Ok(f) = std::fs::File::open(&cached) {
-        return unpack_tar(deb, std::io::BufReader::with_capacity(1 << 20, f), tree);
+        let mut t = Tree::new();
+        match read_unpacked_entry(deb, f, &mut t) {
+            Ok(()) if tree.is_empty() => {
+                *tree = t;
+                return Ok(());
+            }
+            Ok(()) => {
+                for (p, e) in t.iter() {
+                    tree.insert(p, e.clone())
+                        .map_err(|source| SourceError::Tree {
+                            deb: deb.to_owned(),
+                            entry: p.display().to_string(),
+                            source,
+                        })?;
+                }
+                return Ok(());
+            }
+            Err(why) => {
+                eprintln!(
+                    "warning: cached unpacked tree {} {why}: discarded, unpacking {} again",
+                    cached.display(),
+                    deb.display()
+                );
+                let _ = std::fs::remove_file(&cached);
+            }
+        }
     }
     let mut raw = Vec::new();
     data_tar(deb)?
         .read_to_end(&mut raw)
         .map_err(|e| deb_err(deb, format!("cannot decompress data.tar: {e}")))?;
     std::fs::create_dir_all(&dir).map_err(|e| SourceError::io(&dir, e))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", deb_sha256, std::process::id()));
-    std::fs::write(&tmp, &raw)
-        .and_then(|()| std::fs::rename(&tmp, &cached))
-        .map_err(|e| SourceError::io(&cached, e))?;
+    let mut entry = unpacked_header(&super::sha256_hex(&raw)).into_bytes();
+    entry.extend_from_slice(&raw);
+    let tmp = dir.join(format!(".{key}.tmp-{}", std::process::id()));
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &entry)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &cached));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SourceError::io(&cached, e));
+    }
     unpack_tar(deb, raw.as_slice(), tree)
+}
+
+/// The first line of an unpacked-tree cache entry, padded to
+/// [`UNPACKED_HEADER_LEN`] bytes so the tar after it stays aligned.
+const UNPACKED_HEADER_LEN: usize = 128;
+const UNPACKED_MAGIC: &str = "imager-unpacked-data-tar v1 sha256=";
+
+fn unpacked_header(sha256: &str) -> String {
+    let line = format!("{UNPACKED_MAGIC}{sha256}");
+    format!("{line:<width$}\n", width = UNPACKED_HEADER_LEN - 1)
+}
+
+/// Reads one unpacked-tree entry into `tree`, hashing the tar as it goes.
+/// Err says why the entry cannot be used (the caller discards it).
+fn read_unpacked_entry(deb: &Path, f: std::fs::File, tree: &mut Tree) -> Result<(), String> {
+    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+    let mut header = [0u8; UNPACKED_HEADER_LEN];
+    r.read_exact(&mut header)
+        .map_err(|e| format!("has no header ({e})"))?;
+    let want = std::str::from_utf8(&header)
+        .ok()
+        .and_then(|h| h.strip_prefix(UNPACKED_MAGIC))
+        .map(|h| h.trim_end().to_owned())
+        .filter(|h| h.len() == 64)
+        .ok_or("has no recorded digest")?;
+    let mut hashing = HashingReader {
+        inner: r,
+        hash: sha2::Sha256::default(),
+    };
+    let parsed = unpack_tar(deb, &mut hashing, tree);
+    // The tar reader stops at the end-of-archive blocks: the rest (padding,
+    // or anything appended) is part of what the digest covers.
+    std::io::copy(&mut hashing, &mut std::io::sink())
+        .map_err(|e| format!("cannot be read ({e})"))?;
+    let got = hex::encode(sha2::Digest::finalize(hashing.hash));
+    if got != want {
+        return Err(format!(
+            "does not match the sha256 recorded when it was made (recorded {want}, now {got})"
+        ));
+    }
+    parsed.map_err(|e| format!("does not parse ({e})"))
+}
+
+/// Feeds everything read through it to a SHA-256.
+struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
+    }
 }
 
 /// The decompressed `data.tar` stream of a .deb.

@@ -39,6 +39,7 @@ pub fn machine_config(
             roles: roles.to_vec(),
             hostname: None,
             install_disk: input.install_disk.clone(),
+            upgrade: Upgrade::default(),
             network: Network::default(),
             sysctls: Default::default(),
             kernel_modules: Vec::new(),

@@ -648,7 +648,8 @@ fn backticked<'a>(message: &'a str, prefix: &str) -> Option<&'a str> {
 /// key and string value of a YAML tree: they end up in command lines, files
 /// and certificates, where a newline or an escape sequence changes what is
 /// run or shown. A newline is allowed in the values of keys for which
-/// `multiline` is true (PEM fields). Walks iteratively; reports at most
+/// `multiline` is true (PEM fields), and in the items of lists under such
+/// keys (a list of PEM keys). Walks iteratively; reports at most
 /// [`MAX_STRUCTURAL_PROBLEMS`] values.
 pub fn control_characters(root: &Value, multiline: impl Fn(&str) -> bool) -> Vec<Problem> {
     let bad = |s: &str, lines: bool| {
@@ -691,7 +692,8 @@ pub fn control_characters(root: &Value, multiline: impl Fn(&str) -> bool) -> Vec
                 for (i, item) in items.iter().enumerate().rev() {
                     let mut p = path.clone();
                     push_seg(&mut p, &Seg::Index(i));
-                    stack.push((p, None, item));
+                    // Items are read as their list's key is.
+                    stack.push((p, key, item));
                 }
             }
             Value::Mapping(fields) => {

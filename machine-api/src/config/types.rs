@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::scalar::{scalar_map, Cidr, DnsName, Endpoint, InterfaceAddress, Ip, KubernetesVersion};
+use crate::image_signature::TrustedKey;
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
@@ -84,6 +85,9 @@ pub struct Machine {
     /// when the node boots from the network or runs from RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub install_disk: Option<String>,
+    /// Which OS images this node takes when installing or upgrading.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub upgrade: Upgrade,
     /// Network configuration. Absent means DHCP on the first link with carrier.
     #[serde(default, skip_serializing_if = "is_default")]
     pub network: Network,
@@ -108,6 +112,22 @@ pub struct Machine {
     /// kubelet settings.
     #[serde(default, skip_serializing_if = "is_default")]
     pub kubelet: Component,
+}
+
+/// Which OS images a node takes when installing or upgrading.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Upgrade {
+    /// Public keys of the image builders this node trusts, each an ed25519
+    /// key in PEM (`-----BEGIN PUBLIC KEY-----`): the `image-signing.pub`
+    /// that `osctl gen signing-key` writes, or `openssl pkey -in KEY
+    /// -pubout`. An image is trusted when its `manifest.json` carries a
+    /// signature (`manifest.json.sig`, from `imager build --sign KEY`) by
+    /// one of them. At most 16, none twice; list the next key beside the
+    /// current one while rotating.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::image_signature::MAX_TRUSTED_KEYS))]
+    pub trusted_image_keys: Vec<String>,
 }
 
 /// Network configuration of the node.
@@ -388,5 +408,21 @@ pub struct Secrets {
 impl MachineConfig {
     pub fn has_role(&self, role: Role) -> bool {
         self.machine.roles.contains(&role)
+    }
+
+    /// The keys of `machine.upgrade.trustedImageKeys`, to check an image's
+    /// signature with ([`crate::image_signature::verify_manifest`]). A
+    /// config that passed validation yields every key it lists; an entry
+    /// that is not a key is left out (validation reports it).
+    pub fn trusted_image_keys(&self) -> Vec<TrustedKey> {
+        self.machine
+            .upgrade
+            .trusted_image_keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pem)| {
+                TrustedKey::from_pem(pem, &format!("machine.upgrade.trustedImageKeys[{i}]")).ok()
+            })
+            .collect()
     }
 }

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use super::parse::{key_path, Problem};
 use super::scalar::{Cidr, Endpoint};
 use super::types::*;
+use crate::image_signature::{SignatureError, TrustedKey, MAX_TRUSTED_KEYS};
 use crate::pki::bundle::{is_bootstrap_token, is_encryption_secret, is_machine_token};
 use crate::pki::{check_is_ca, check_key_matches};
 
@@ -22,6 +23,7 @@ pub(super) const PEM_FIELDS: &[&str] = &[
     "clientCert",
     "clientKey",
     "serviceAccountKey",
+    "trustedImageKeys",
 ];
 
 #[derive(Default)]
@@ -318,6 +320,44 @@ fn machine(m: &Machine, r: &mut Report) {
         }
     }
     extra_args("machine.kubelet.extraArgs", &m.kubelet.extra_args, r);
+    trusted_image_keys(&m.upgrade.trusted_image_keys, r);
+}
+
+/// `machine.upgrade.trustedImageKeys`: each an ed25519 public key in PEM,
+/// at most [`MAX_TRUSTED_KEYS`], none twice (the same key written twice,
+/// even differently, is one key).
+fn trusted_image_keys(keys: &[String], r: &mut Report) {
+    const PATH: &str = "machine.upgrade.trustedImageKeys";
+    if keys.len() > MAX_TRUSTED_KEYS {
+        r.add(
+            PATH,
+            format!(
+                "{} keys, at most {MAX_TRUSTED_KEYS}: remove the keys of builders this node no longer takes images from",
+                keys.len()
+            ),
+        );
+    }
+    let mut seen: HashMap<TrustedKey, usize> = HashMap::new();
+    for (i, pem) in keys.iter().enumerate() {
+        let path = format!("{PATH}[{i}]");
+        match TrustedKey::from_pem(pem, &path) {
+            Ok(key) => {
+                if let Some(first) = seen.get(&key) {
+                    r.add(
+                        path,
+                        format!(
+                            "{} is already listed at {PATH}[{first}]: remove one",
+                            key.id()
+                        ),
+                    );
+                } else {
+                    seen.insert(key, i);
+                }
+            }
+            Err(SignatureError::Key { reason, .. }) => r.add(path, reason),
+            Err(e) => r.add(path, e.to_string()),
+        }
+    }
 }
 
 fn extra_args(path: &str, args: &BTreeMap<String, String>, r: &mut Report) {
@@ -717,6 +757,15 @@ mod tests {
             schema.matches(&format!("at most {MAX_CERT_SANS}.")).count(),
             2,
             "update the certSANs doc comments to MAX_CERT_SANS"
+        );
+    }
+
+    #[test]
+    fn documented_trusted_key_limit_is_the_checked_one() {
+        let schema = crate::config::json_schema().to_string();
+        assert!(
+            schema.contains(&format!("At most {MAX_TRUSTED_KEYS}, none twice")),
+            "update the trustedImageKeys doc comment to MAX_TRUSTED_KEYS"
         );
     }
 

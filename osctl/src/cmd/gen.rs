@@ -1,5 +1,7 @@
-//! `osctl gen`: the cluster's secrets bundle, machine configs and the
-//! operator's client file.
+//! `osctl gen`: the cluster's secrets bundle, machine configs, the
+//! operator's client file, and the key that signs node images.
+
+mod signing_key;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use machine_api::config::generate::{machine_config, ClusterInput, DEFAULT_KUBERNETES_VERSION};
 use machine_api::config::{DnsName, KubernetesVersion, MachineConfig, Role};
+use machine_api::image_signature::TrustedKey;
 use machine_api::osconfig::{Context as OsContext, OsConfig};
 use machine_api::pki::bundle::{os_client_cert, OsRole, SecretsBundle};
 use url::Url;
@@ -26,6 +29,10 @@ pub enum Gen {
     /// etcdctl's files (ca.crt, client.crt, client.key) from the cluster's
     /// etcd CA, for checking etcd directly.
     EtcdClient(GenEtcdClient),
+    /// An ed25519 key pair that signs node images: image-signing.key
+    /// (for `imager build --sign`) and image-signing.pub (for the machine
+    /// configs' trusted image keys).
+    SigningKey(signing_key::GenSigningKey),
 }
 
 impl Gen {
@@ -35,6 +42,7 @@ impl Gen {
             Gen::Secrets(s) => s.run(),
             Gen::Osconfig(o) => o.run(),
             Gen::EtcdClient(e) => e.run(),
+            Gen::SigningKey(k) => k.run(),
         }
     }
 }
@@ -67,6 +75,11 @@ pub struct GenConfig {
     /// Patch for worker.yaml only.
     #[arg(long, value_name = "PATCH")]
     pub config_patch_worker: Vec<String>,
+    /// Public key (PEM, e.g. image-signing.pub from `osctl gen
+    /// signing-key`) whose signed images the nodes take: goes into
+    /// machine.upgrade.trustedImageKeys of both configs. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub image_key: Vec<PathBuf>,
     /// Replace existing files.
     #[arg(long)]
     pub force: bool,
@@ -195,6 +208,26 @@ fn osconfig_endpoint(url: &Url) -> String {
     url.host_str().unwrap_or_default().to_owned()
 }
 
+/// Reads the `--image-key` files, refusing one that is not an ed25519
+/// public key or that repeats another.
+fn load_image_keys(paths: &[PathBuf]) -> Result<Vec<TrustedKey>> {
+    let mut keys: Vec<(TrustedKey, &Path)> = Vec::new();
+    for path in paths {
+        let key = TrustedKey::from_pem(&files::read(path)?, &path.display().to_string())
+            .map_err(|e| anyhow!("--image-key {e}"))?;
+        if let Some((_, first)) = keys.iter().find(|(k, _)| *k == key) {
+            bail!(
+                "--image-key {} is the same key ({}) as {}: give each key once",
+                path.display(),
+                key.id(),
+                first.display()
+            );
+        }
+        keys.push((key, path));
+    }
+    Ok(keys.into_iter().map(|(k, _)| k).collect())
+}
+
 /// Applies patches to a generated config and validates the result; on
 /// failure returns the problems as lines naming the file.
 fn patched(
@@ -250,6 +283,10 @@ impl GenConfig {
         let common = parse_all(&self.config_patch)?;
         let cp_patches = parse_all(&self.config_patch_controlplane)?;
         let worker_patches = parse_all(&self.config_patch_worker)?;
+        let image_keys: Vec<String> = load_image_keys(&self.image_key)?
+            .iter()
+            .map(TrustedKey::to_pem)
+            .collect();
 
         let (bundle, bundle_is_new) = match &self.with_secrets {
             Some(path) => (load_bundle(path)?, false),
@@ -273,8 +310,11 @@ impl GenConfig {
             kubernetes_version,
             install_disk: self.install_disk.clone(),
         };
-        let cp = machine_config(&bundle, &input, &[Role::Controlplane, Role::Etcd]);
-        let worker = machine_config(&bundle, &input, &[Role::Worker]);
+        let mut cp = machine_config(&bundle, &input, &[Role::Controlplane, Role::Etcd]);
+        let mut worker = machine_config(&bundle, &input, &[Role::Worker]);
+        for cfg in [&mut cp, &mut worker] {
+            cfg.machine.upgrade.trusted_image_keys = image_keys.clone();
+        }
         let cp_patches: Vec<&ConfigPatch> = common.iter().chain(&cp_patches).collect();
         let worker_patches: Vec<&ConfigPatch> = common.iter().chain(&worker_patches).collect();
         let cp_yaml = patched("controlplane.yaml", &cp, &cp_patches)?;
