@@ -33,6 +33,16 @@ pub struct BundleManifest {
     pub profile: ManifestProfile,
     pub imager_version: String,
     pub outputs: Vec<Output>,
+    #[serde(default)]
+    pub kernel: Option<ManifestKernel>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ManifestKernel {
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub cmdline: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +77,15 @@ impl BundleManifest {
             }
         }
         Ok(m)
+    }
+
+    /// The profile's kernel command line, when the manifest has one
+    /// without control characters.
+    pub fn kernel_cmdline(&self) -> Option<&str> {
+        self.kernel
+            .as_ref()
+            .map(|k| k.cmdline.as_str())
+            .filter(|c| !c.is_empty() && !c.chars().any(char::is_control))
     }
 
     /// The output of this kind, when there is exactly one.

@@ -134,10 +134,75 @@ impl Slot {
     }
 
     /// True when `file` (in [`ENTRIES_DIR`]) is this slot's entry with a
-    /// boot counter, as installed or counted down (`slot-a+2-1.conf`).
+    /// boot counter, as installed or counted down (`slot-a+2-1.conf`,
+    /// `slot-2-a+3.conf`).
     pub fn is_counted_entry(self, file: &str) -> bool {
-        file.starts_with(&format!("{}+", self.entry_stem()))
+        UpgradeEntry::parse(file).is_some_and(|e| e.slot == self)
             && entry_without_counter(file).is_some()
+    }
+
+    /// The other slot: where an upgrade of a node running this one goes.
+    pub const fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
+/// A slot's boot entry, named so that systemd-boot picks the newest
+/// install. systemd-boot sorts entries without a sort key by file name in
+/// descending version order (a numeric part is newer than a letter), and
+/// an entry whose counter ran out (`+0`) after every other: the default
+/// pattern [`LOADER_DEFAULT`] then picks the first. imager's first entry
+/// is generation 0, `slot-a`; each upgrade writes `slot-<n>-<x>` with the
+/// next generation, which sorts before every older entry. When it never
+/// marks itself good its counter runs out and the older entry is first
+/// again: the node falls back by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpgradeEntry {
+    pub generation: u32,
+    pub slot: Slot,
+}
+
+impl UpgradeEntry {
+    /// The entry a file in [`ENTRIES_DIR`] is (with or without counter).
+    pub fn parse(file: &str) -> Option<UpgradeEntry> {
+        let stem = file.strip_suffix(".conf")?;
+        let base = stem.split_once('+').map_or(stem, |(b, _)| b);
+        let rest = base.strip_prefix("slot-")?;
+        let (generation, letter) = match rest.split_once('-') {
+            Some((n, l)) => (n.parse().ok().filter(|&n| n > 0)?, l),
+            None => (0, rest),
+        };
+        let slot = Slot::ALL
+            .into_iter()
+            .find(|s| s.name().eq_ignore_ascii_case(letter))?;
+        Some(UpgradeEntry { generation, slot })
+    }
+
+    /// The entry name without counter or `.conf`: `slot-a`, `slot-2-b`.
+    pub fn stem(&self) -> String {
+        match self.generation {
+            0 => self.slot.entry_stem().to_owned(),
+            n => format!("slot-{n}-{}", self.slot.name().to_ascii_lowercase()),
+        }
+    }
+
+    /// The file as installed, with `tries` left: `slot-2-b+3.conf`.
+    pub fn counted(&self, tries: u32) -> String {
+        format!("{}+{tries}.conf", self.stem())
+    }
+
+    /// One more than the highest generation among `files`.
+    pub fn next_generation<S: AsRef<str>>(files: &[S]) -> u32 {
+        files
+            .iter()
+            .filter_map(|f| UpgradeEntry::parse(f.as_ref()))
+            .map(|e| e.generation)
+            .max()
+            .unwrap_or(0)
+            + 1
     }
 }
 
@@ -330,6 +395,42 @@ mod tests {
                 "qemu-disk.raw"
             ]
         );
+    }
+
+    #[test]
+    fn upgrade_entries_name_their_generation_and_slot() {
+        let e = |g, s| UpgradeEntry {
+            generation: g,
+            slot: s,
+        };
+        for (file, want) in [
+            ("slot-a+3.conf", Some(e(0, Slot::A))),
+            ("slot-a.conf", Some(e(0, Slot::A))),
+            ("slot-a+2-1.conf", Some(e(0, Slot::A))),
+            ("slot-1-b+3.conf", Some(e(1, Slot::B))),
+            ("slot-12-a.conf", Some(e(12, Slot::A))),
+            ("slot-0-a.conf", None),
+            ("slot-c.conf", None),
+            ("other.conf", None),
+            ("slot-1-b", None),
+        ] {
+            assert_eq!(UpgradeEntry::parse(file), want, "{file}");
+        }
+        assert_eq!(e(0, Slot::A).counted(3), Slot::A.counted_entry(3));
+        assert_eq!(e(2, Slot::B).counted(3), "slot-2-b+3.conf");
+        assert_eq!(UpgradeEntry::next_generation(&["slot-a.conf"]), 1);
+        assert_eq!(
+            UpgradeEntry::next_generation(&["slot-a+0-3.conf", "slot-4-b.conf"]),
+            5
+        );
+        assert!(Slot::B.is_counted_entry("slot-1-b+2-1.conf"));
+        assert!(!Slot::A.is_counted_entry("slot-1-b+3.conf"));
+        assert!(!Slot::B.is_counted_entry("slot-1-b.conf"));
+        assert_eq!(
+            entry_without_counter("slot-1-b+2-1.conf").as_deref(),
+            Some("slot-1-b.conf")
+        );
+        assert_eq!(Slot::A.other(), Slot::B);
     }
 
     #[test]

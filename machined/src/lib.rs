@@ -22,3 +22,4 @@ pub mod roles;
 pub mod state;
 pub mod supervisor;
 pub mod timeline;
+pub mod upgrade;

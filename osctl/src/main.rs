@@ -66,6 +66,8 @@ enum Command {
     Shutdown(cmd::power::Power),
     /// Wipe config and data; nodes return to maintenance mode.
     Reset(cmd::power::Reset),
+    /// Install an upgrade bundle into the other slot and reboot into it.
+    Upgrade(cmd::upgrade::Upgrade),
 }
 
 fn main() -> ExitCode {
@@ -110,6 +112,7 @@ async fn run_node_verb(c: Command) -> anyhow::Result<ExitCode> {
         Command::Reboot(p) => p.run(cmd::power::PowerAction::Reboot).await,
         Command::Shutdown(p) => p.run(cmd::power::PowerAction::Shutdown).await,
         Command::Reset(r) => r.run().await,
+        Command::Upgrade(u) => u.run().await,
         Command::Gen(_) | Command::Validate(_) | Command::Docs(_) | Command::Cluster(_) => {
             unreachable!("handled in main")
         }

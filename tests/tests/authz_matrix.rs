@@ -32,7 +32,7 @@ use machine_api::proto::trust_service_client::TrustServiceClient;
 use machine_api::proto::{
     ApplyConfigurationRequest, ApplyMode, Empty, EtcdAddMemberRequest, EtcdRemoveMemberRequest,
     LogsRequest, ResetRequest, ServiceRequest, SignKubernetesCertificateRequest,
-    SignServerCertificateRequest,
+    SignServerCertificateRequest, UpgradeRequest,
 };
 use node_tests::{alive, bootstrapped_node, osctl, require};
 use prost::Message;
@@ -132,6 +132,12 @@ const TABLE: &[Row] = &[
         "/machine.v1alpha1.MachineService/Reset",
         Admin,
         Then::Acts(Recovery::Maintenance),
+    ),
+    // Not an upgrade bundle: refused by its first check.
+    row(
+        "/machine.v1alpha1.MachineService/Upgrade",
+        Admin,
+        Then::Code(Code::InvalidArgument),
     ),
     row("/machine.v1alpha1.ServiceService/List", Reader, Then::Ok),
     // Start, Stop, Restart: a service the node does not have.
@@ -531,6 +537,13 @@ async fn call(ch: Channel, path: &str, a: &Args) -> Result<(), tonic::Status> {
         ("MachineService", "Reboot") => m.reboot(Empty {}).await.map(drop),
         ("MachineService", "Shutdown") => m.shutdown(Empty {}).await.map(drop),
         ("MachineService", "Reset") => m.reset(ResetRequest { graceful: false }).await.map(drop),
+        ("MachineService", "Upgrade") => m
+            .upgrade(tokio_stream::iter([UpgradeRequest {
+                chunk: b"not a bundle".to_vec(),
+                stage: true,
+            }]))
+            .await
+            .map(drop),
         ("ServiceService", "List") => s.list(Empty {}).await.map(drop),
         ("ServiceService", "Start") => s.start(svc(UNKNOWN_SERVICE)).await.map(drop),
         ("ServiceService", "Stop") => s.stop(svc(UNKNOWN_SERVICE)).await.map(drop),

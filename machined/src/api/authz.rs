@@ -97,6 +97,12 @@ pub const RULES: &[Rule] = &[
         Access::Admin,
         false,
     ),
+    // Replaces the node's operating system.
+    rule(
+        "/machine.v1alpha1.MachineService/Upgrade",
+        Access::Admin,
+        false,
+    ),
     rule("/machine.v1alpha1.ServiceService/List", Access::Read, false),
     rule(
         "/machine.v1alpha1.ServiceService/Start",

@@ -7,7 +7,8 @@ use machine_api::proto::machine_service_server::MachineService;
 use machine_api::proto::{
     ApplyConfigurationRequest, ApplyConfigurationResponse, ApplyMode as ProtoMode, BootMark,
     BootTimelineResponse, ConfirmConfigurationResponse, Empty, GetConfigurationResponse,
-    HealthResponse, KubeconfigResponse, ResetRequest, VersionResponse,
+    HealthResponse, KubeconfigResponse, ResetRequest, UpgradeRequest, UpgradeResponse,
+    VersionResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -15,6 +16,13 @@ use tracing::info;
 use super::service_api::info as service_info;
 use crate::node::{ApplyMode, Node, Outcome, Request as NodeRequest, Via};
 use crate::supervisor::ServiceState;
+
+/// One upgrade at a time: a second is refused, not queued.
+static UPGRADE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// How long the client may pause between two chunks of a bundle.
+const UPGRADE_CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most a client may send (three slot files and a manifest).
+const UPGRADE_LIMIT: u64 = 3 * machine_api::image_bundle::FILE_LIMIT;
 
 /// Default time a `try` waits for confirmation.
 const DEFAULT_TRY: Duration = Duration::from_secs(60);
@@ -189,6 +197,125 @@ impl MachineService for MachineApi {
         Ok(with_after(Empty {}, out.after))
     }
 
+    async fn upgrade(
+        &self,
+        r: Request<tonic::Streaming<UpgradeRequest>>,
+    ) -> Result<Response<UpgradeResponse>, Status> {
+        let caller = who(&r);
+        let Ok(_busy) = UPGRADE.try_lock() else {
+            return Err(Status::aborted(
+                "another upgrade is running on this node: wait for it to finish",
+            ));
+        };
+        let cfg = self
+            .0
+            .config()
+            .ok_or_else(|| Status::failed_precondition("the node has no config"))?;
+        let trusted = cfg.trusted_image_keys();
+        let target = crate::upgrade::target(
+            crate::cmdline::Cmdline::current().text(),
+            self.0.opts.host_mode,
+        );
+        let work = self.0.opts.paths.root.join("run/machined/upgrade");
+        info!(caller, ?target, keys = trusted.len(), "upgrade started");
+        let mut stream = r.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
+        let install = tokio::task::spawn_blocking(move || {
+            crate::upgrade::install(
+                crate::upgrade::ChunkReader::new(rx),
+                &trusted,
+                &target,
+                &work,
+            )
+        });
+        let mut stage = None;
+        let mut total = 0u64;
+        loop {
+            let next = tokio::time::timeout(UPGRADE_CHUNK_TIMEOUT, stream.message()).await;
+            let msg = match next {
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no part of the bundle arrived for {} s",
+                        UPGRADE_CHUNK_TIMEOUT.as_secs()
+                    ),
+                )),
+                Ok(Err(status)) => Err(std::io::Error::other(format!(
+                    "the upload broke off: {}",
+                    status.message()
+                ))),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(m))) => Ok(m),
+            };
+            let failed = msg.is_err();
+            let item = msg.map(|m| {
+                stage.get_or_insert(m.stage);
+                total += m.chunk.len() as u64;
+                m.chunk
+            });
+            let item = match item {
+                Ok(_) if total > UPGRADE_LIMIT => Err(std::io::Error::other(format!(
+                    "the upload is over {UPGRADE_LIMIT} bytes: not an upgrade bundle"
+                ))),
+                other => other,
+            };
+            let stop = failed || item.is_err();
+            // The installer stopped reading (it refused the bundle):
+            // its answer says why.
+            if tx.send(item).await.is_err() || stop {
+                break;
+            }
+        }
+        drop(tx);
+        let done = install
+            .await
+            .map_err(|e| Status::internal(format!("the upgrade task failed: {e}")))?;
+        let installed = match done {
+            Ok(i) => i,
+            Err(e) => {
+                info!(caller, error = %e, "upgrade refused");
+                return Err(upgrade_status(e));
+            }
+        };
+        let stage = stage.unwrap_or(false);
+        let checked = crate::upgrade::checked(&installed.verified);
+        let into = installed
+            .into
+            .map(|s| s.name().to_owned())
+            .unwrap_or_default();
+        let mut reply = UpgradeResponse {
+            slot: into.clone(),
+            running_slot: installed
+                .running
+                .map(|s| s.name().to_owned())
+                .unwrap_or_default(),
+            manifest_sha256: installed.verified.manifest_sha256.clone(),
+            signed_by: installed.verified.signed_by.clone().unwrap_or_default(),
+            message: format!(
+                "installed {} into slot {into} ({checked}); boot entry {}",
+                installed.verified.manifest.profile.name, installed.entry
+            ),
+            rebooting: false,
+        };
+        info!(
+            caller,
+            slot = into,
+            entry = installed.entry,
+            "upgrade installed"
+        );
+        self.0.note_event(reply.message.clone());
+        if stage {
+            reply
+                .message
+                .push_str("; staged: the next reboot starts it");
+            return Ok(Response::new(reply));
+        }
+        let out = self.0.request(NodeRequest::Reboot).await?;
+        reply.rebooting = true;
+        reply.message.push_str("; rebooting into it");
+        Ok(with_after(reply, out.after))
+    }
+
     async fn reset(&self, r: Request<ResetRequest>) -> Result<Response<Empty>, Status> {
         info!(caller = who(&r), "reset requested");
         let graceful = r.into_inner().graceful;
@@ -208,4 +335,18 @@ fn with_after<T>(message: T, after: Option<crate::node::AfterReply>) -> Response
             )));
     }
     r
+}
+
+/// The gRPC status of a refused upgrade: a bundle that fails a check is
+/// the client's to fix (INVALID_ARGUMENT), a signature the node does not
+/// trust or a node that cannot install is FAILED_PRECONDITION.
+fn upgrade_status(e: crate::upgrade::UpgradeError) -> Status {
+    use crate::upgrade::UpgradeError as U;
+    use machine_api::image_bundle::BundleError as B;
+    let msg = e.to_string();
+    match e {
+        U::Bundle(B::Signature(_)) | U::NoTarget { .. } => Status::failed_precondition(msg),
+        U::Bundle(B::Store { .. }) | U::Io(..) | U::Mount(..) => Status::internal(msg),
+        U::Bundle(_) => Status::invalid_argument(msg),
+    }
 }

@@ -15,5 +15,6 @@ pub mod logs;
 pub mod power;
 pub mod services;
 pub mod session;
+pub mod upgrade;
 pub mod validate;
 pub mod version;

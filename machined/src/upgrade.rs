@@ -1,0 +1,297 @@
+//! Upgrades: an upgrade bundle ([`machine_api::image_bundle`]) streamed
+//! over the API is checked and written into the slot the node is not
+//! running; the slot's boot entry is written last, only after every check
+//! passed, so a bundle that fails half-way leaves the node exactly as it
+//! was (the other slot's old contents are never booted without an entry).
+//!
+//! Checks, in the order they can fail: the stream is a bundle whose first
+//! member is a manifest; the manifest is signed by one of the config's
+//! `machine.upgrade.trustedImageKeys` (when it lists any); every slot file
+//! has the manifest's size and SHA-256, checked while it is written.
+//!
+//! The entry is boot-counted (`+3`) and named to sort before the running
+//! slot's ([`machine_api::layout::UpgradeEntry`]), so systemd-boot starts
+//! the new version; if it never marks itself good, the counter runs out
+//! and systemd-boot falls back to the old slot by itself.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use machine_api::image_bundle::{self, BundleError, Output, Verified};
+use machine_api::image_signature::TrustedKey;
+use machine_api::layout::{self, Slot};
+
+/// Where an upgrade goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A disk boot: the slot to write, its partition, and the ESP's.
+    Disk {
+        running: Slot,
+        into: Slot,
+        partition: PathBuf,
+        esp: PathBuf,
+    },
+    /// Not booted from a disk slot (host mode, a diskless initramfs boot):
+    /// a bundle is checked, nothing can be installed. The text says why.
+    Nowhere(String),
+}
+
+/// The target of this node, from its kernel command line and partitions.
+pub fn target(cmdline: &str, host_mode: bool) -> Target {
+    if host_mode {
+        return Target::Nowhere(
+            "machined runs in host mode (--root): there is no slot to install into".into(),
+        );
+    }
+    let Some(running) = crate::cmdline::Cmdline::parse(cmdline)
+        .get(layout::SLOT_PARAM)
+        .and_then(Slot::parse)
+    else {
+        return Target::Nowhere(
+            "this node did not boot from a disk slot (no slot= on its kernel command line): boot it from the disk image to upgrade it".into(),
+        );
+    };
+    let into = running.other();
+    let sys = Path::new("/sys/class/block");
+    match (
+        crate::disks::find(sys, into.partition()),
+        crate::disks::find(sys, layout::ESP_PARTITION),
+    ) {
+        (Some(p), Some(e)) => Target::Disk {
+            running,
+            into,
+            partition: p.dev,
+            esp: e.dev,
+        },
+        _ => Target::Nowhere(format!(
+            "the boot disk has no partition {} or {}: not a disk from `imager build`",
+            into.partition(),
+            layout::ESP_PARTITION
+        )),
+    }
+}
+
+/// Why an upgrade was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// A check of the bundle failed (its text names the check).
+    #[error("{0}")]
+    Bundle(#[from] BundleError),
+    /// The bundle passed every check but this node cannot install it.
+    #[error("the bundle passed every check ({checked}), but {why}")]
+    NoTarget { checked: String, why: String },
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("mounting the ESP {0}: {1}")]
+    Mount(PathBuf, nix::errno::Errno),
+}
+
+/// What was installed.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub verified: Verified,
+    pub into: Option<Slot>,
+    pub running: Option<Slot>,
+    pub entry: String,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpgradeError {
+    let what = what.into();
+    move |e| UpgradeError::Io(what, e)
+}
+
+/// Words for what passed, for replies and logs.
+pub fn checked(v: &Verified) -> String {
+    match (&v.signed_by, v.signed) {
+        (Some(id), _) => format!("signed by trusted key {id}, every file's sha256 matches"),
+        (None, true) => "every file's sha256 matches; signature not checked: machine.upgrade.trustedImageKeys is empty".into(),
+        (None, false) => "every file's sha256 matches; unsigned, and machine.upgrade.trustedImageKeys is empty".into(),
+    }
+}
+
+/// Reads a bundle from `r` and installs it into `target`. Blocking: run
+/// it on a blocking thread. `generation` names the new boot entry.
+pub fn install(
+    r: impl Read,
+    trusted: &[TrustedKey],
+    target: &Target,
+    work: &Path,
+) -> Result<Installed, UpgradeError> {
+    match target {
+        Target::Nowhere(why) => {
+            let v = image_bundle::read(r, trusted, &mut |_, data| {
+                std::io::copy(data, &mut std::io::sink()).map(drop)
+            })?;
+            Err(UpgradeError::NoTarget {
+                checked: checked(&v),
+                why: why.clone(),
+            })
+        }
+        Target::Disk {
+            running,
+            into,
+            partition,
+            esp,
+        } => {
+            let mnt = work.join("esp");
+            std::fs::create_dir_all(&mnt).map_err(io(mnt.display().to_string()))?;
+            mount_esp(esp, &mnt)?;
+            let r = install_disk(r, trusted, *running, *into, partition, &mnt);
+            nix::unistd::sync();
+            let _ = nix::mount::umount2(&mnt, nix::mount::MntFlags::empty());
+            r
+        }
+    }
+}
+
+fn mount_esp(dev: &Path, at: &Path) -> Result<(), UpgradeError> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        Some(dev),
+        at,
+        Some("vfat"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| UpgradeError::Mount(dev.to_owned(), e))
+}
+
+/// The size of a block device (or file), by seeking to its end.
+fn device_size(p: &Path) -> std::io::Result<u64> {
+    use std::io::Seek;
+    std::fs::File::open(p)?.seek(std::io::SeekFrom::End(0))
+}
+
+fn install_disk(
+    r: impl Read,
+    trusted: &[TrustedKey],
+    running: Slot,
+    into: Slot,
+    partition: &Path,
+    esp: &Path,
+) -> Result<Installed, UpgradeError> {
+    let slot_dir = esp.join(into.esp_dir());
+    std::fs::create_dir_all(&slot_dir).map_err(io(slot_dir.display().to_string()))?;
+    let staged = |name: &str| slot_dir.join(format!("{name}.new"));
+    let part_size = device_size(partition).map_err(io(partition.display().to_string()))?;
+    let mut store = |o: &Output, data: &mut dyn Read| -> std::io::Result<()> {
+        match o.kind.as_str() {
+            "root" => {
+                if o.size > part_size {
+                    return Err(std::io::Error::other(format!(
+                        "the root filesystem is {} bytes, partition {} holds {part_size}",
+                        o.size,
+                        partition.display()
+                    )));
+                }
+                let mut f = std::fs::OpenOptions::new().write(true).open(partition)?;
+                std::io::copy(data, &mut f)?;
+                f.flush()?;
+                f.sync_all()
+            }
+            "kernel" | "boot-initrd" => {
+                let name = if o.kind == "kernel" {
+                    layout::KERNEL_FILE
+                } else {
+                    layout::INITRD_FILE
+                };
+                let mut f = std::fs::File::create(staged(name))?;
+                std::io::copy(data, &mut f)?;
+                f.sync_all()
+            }
+            other => Err(std::io::Error::other(format!(
+                "unexpected slot file kind {other}"
+            ))),
+        }
+    };
+    let verified = image_bundle::read(r, trusted, &mut store)?;
+    // Every check passed: the files take their names, then the entry.
+    for name in [layout::KERNEL_FILE, layout::INITRD_FILE] {
+        let to = slot_dir.join(name);
+        std::fs::rename(staged(name), &to).map_err(io(to.display().to_string()))?;
+    }
+    let entries = esp.join(layout::ENTRIES_DIR);
+    let existing: Vec<String> = std::fs::read_dir(&entries)
+        .map_err(io(entries.display().to_string()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let generation = layout::UpgradeEntry::next_generation(&existing);
+    // The target slot's old entries go first: they would boot the new
+    // files under the old command line.
+    for name in &existing {
+        if layout::UpgradeEntry::parse(name).is_some_and(|e| e.slot == into) {
+            let _ = std::fs::remove_file(entries.join(name));
+        }
+    }
+    let entry = layout::UpgradeEntry {
+        generation,
+        slot: into,
+    };
+    let name = entry.counted(layout::BOOT_TRIES);
+    let cmdline = verified
+        .manifest
+        .kernel_cmdline()
+        .unwrap_or("console=ttyS0 panic=-1 quiet");
+    let text = format!(
+        "title Kubernetes node OS {} (slot {into}, upgrade {generation})\nversion {}\nlinux /{}\ninitrd /{}\noptions {} {}\n",
+        verified.manifest.profile.name,
+        verified.manifest.imager_version,
+        into.kernel_path(),
+        into.initrd_path(),
+        cmdline,
+        into.cmdline_arg(),
+    );
+    let tmp = entries.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, entries.join(&name)))
+        .map_err(io(entries.join(&name).display().to_string()))?;
+    if let Ok(d) = std::fs::File::open(&entries) {
+        let _ = d.sync_all();
+    }
+    Ok(Installed {
+        verified,
+        into: Some(into),
+        running: Some(running),
+        entry: name,
+    })
+}
+
+/// A [`Read`] over chunks handed over from the async API: the gRPC stream
+/// feeds it, a blocking thread reads the bundle from it.
+#[derive(Debug)]
+pub struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl ChunkReader {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>) -> Self {
+        ChunkReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
