@@ -155,6 +155,9 @@ pub struct BuildOptions {
     pub jobs: usize,
     /// How machined, init and pause came to be ([`crate::our_binaries`]).
     pub ours: OursProvenance,
+    /// The image's version (os-release VERSION_ID, the boot entry, what
+    /// `osctl version` shows); default: imager's own version.
+    pub image_version: Option<String>,
     /// Sign the manifest with this ed25519 key (read and checked before
     /// any slow work).
     pub sign: Option<std::sync::Arc<machine_api::image_signature::SigningKey>>,
@@ -181,6 +184,8 @@ pub struct Manifest {
     pub profile: ManifestProfile,
     pub source_date_epoch: u64,
     pub imager_version: String,
+    /// The image's version (os-release VERSION_ID, boot entry).
+    pub image_version: String,
     /// How machined, init and pause were built (toolchain, commit).
     pub our_build: OursProvenance,
     /// The sha256 of the machine config baked in with --embed-config.
@@ -393,6 +398,22 @@ fn write_zstd_cpio(tree: &Tree, epoch: u64, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `--image-version`, checked: it goes into os-release and the boot
+/// entry, so it is one short token.
+fn image_version(v: Option<&str>) -> Result<String> {
+    let v = v.unwrap_or(env!("CARGO_PKG_VERSION"));
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-~".contains(&b));
+    if !ok {
+        return Err(anyhow!(
+            "--image-version {v:?}: give 1 to 64 letters, digits and . _ + - ~ (e.g. 1.2.0 or 1.2.0-rc1)"
+        ));
+    }
+    Ok(v.to_owned())
+}
+
 /// `imager build`.
 /// `--embed-config` and `--config-ca`, read and validated: (path in the
 /// image, text, mode). The paths are where machined looks
@@ -423,6 +444,7 @@ fn baked_files(opts: &BuildOptions) -> Result<Vec<(&'static str, String, u32)>> 
 
 pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     let (profile, profile_text) = Profile::load(&opts.profile)?;
+    let image_version = image_version(opts.image_version.as_deref())?;
     let lock_path = Lock::path_for(&opts.profile);
     let lock = Lock::load(&lock_path, &opts.profile, &profile.inputs_hash())?;
     let epoch = opts
@@ -455,7 +477,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     progress.step("assembling the image tree");
     let (kernel_version, kernel) = assemble::kernel(&staging, &profile)?;
     let mut image = assemble::filter(&staging, &profile)?;
-    assemble::base_layout(&mut image, &profile, env!("CARGO_PKG_VERSION"))?;
+    assemble::base_layout(&mut image, &profile, &image_version)?;
     let modules = modules::add_modules(
         &mut image,
         &staging,
@@ -628,6 +650,7 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
         },
         source_date_epoch: epoch,
         imager_version: env!("CARGO_PKG_VERSION").into(),
+        image_version: image_version.clone(),
         our_build: opts.ours.clone(),
         embedded_config_sha256: opts.embed_config.as_deref().map(sha256_file).transpose()?,
         config_ca_sha256: opts.config_ca.as_deref().map(sha256_file).transpose()?,
@@ -802,6 +825,7 @@ fn write_disk(
     })?;
     let files = esp_files(
         profile,
+        &image_version(opts.image_version.as_deref())?,
         Slot::A,
         sd_boot.as_ref(),
         kernel,
@@ -848,6 +872,7 @@ fn write_disk(
 /// layout contract's ([`machine_api::layout`]).
 fn esp_files(
     profile: &Profile,
+    image_version: &str,
     slot: Slot,
     sd_boot: &[u8],
     kernel: &[u8],
@@ -856,7 +881,7 @@ fn esp_files(
     let entry = format!(
         "title Kubernetes node OS {} (slot {slot})\nversion {}\nlinux /{}\ninitrd /{}\noptions {} {}\n",
         profile.name,
-        env!("CARGO_PKG_VERSION"),
+        image_version,
         slot.kernel_path(),
         slot.initrd_path(),
         profile.kernel.cmdline,
@@ -973,7 +998,14 @@ mod tests {
 
         let profile_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/qemu.yaml");
         let (profile, _) = Profile::load(&profile_path).unwrap();
-        let files = esp_files(&profile, Slot::A, b"sd-boot", b"kernel", b"initrd".to_vec());
+        let files = esp_files(
+            &profile,
+            "0.1.0",
+            Slot::A,
+            b"sd-boot",
+            b"kernel",
+            b"initrd".to_vec(),
+        );
         let file = |path: &str| -> String {
             let (_, data) = files
                 .iter()

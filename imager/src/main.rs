@@ -86,6 +86,10 @@ enum Command {
         /// Parallel unpack jobs.
         #[arg(long, short = 'j', default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))]
         jobs: usize,
+        /// The image's version: os-release VERSION_ID, the boot entry's
+        /// version, what `osctl version` shows (default: imager's version).
+        #[arg(long, value_name = "VERSION")]
+        image_version: Option<String>,
         /// Sign manifest.json with this ed25519 private key (PKCS#8 PEM,
         /// from `osctl gen signing-key`): writes manifest.json.sig, which
         /// nodes check against machine.upgrade.trustedImageKeys.
@@ -176,6 +180,7 @@ fn main() -> ExitCode {
             config_ca,
             source_date_epoch,
             jobs,
+            image_version,
             sign,
         } => (|| {
             let sign = sign
@@ -204,6 +209,7 @@ fn main() -> ExitCode {
                 source_date_epoch,
                 jobs,
                 ours,
+                image_version,
                 sign,
             };
             build::build(&opts, &progress).map(|m| {

@@ -264,6 +264,7 @@ pub fn rebuild(manifest_path: &Path, o: &RebuildOptions, progress: &Progress) ->
         source_date_epoch: m.get("sourceDateEpoch").and_then(Value::as_u64),
         jobs: o.jobs,
         ours,
+        image_version: str_at(&m, &["imageVersion"]).map(str::to_owned),
         sign: None,
     };
     progress.step(format!("rebuilding {name} into {}", out_dir.display()));

@@ -32,6 +32,9 @@ pub const FILE_LIMIT: u64 = 8 << 30;
 pub struct BundleManifest {
     pub profile: ManifestProfile,
     pub imager_version: String,
+    /// The image's version (absent in manifests before it was recorded).
+    #[serde(default)]
+    pub image_version: String,
     pub outputs: Vec<Output>,
     #[serde(default)]
     pub kernel: Option<ManifestKernel>,

@@ -29,7 +29,6 @@ pub enum Target {
         running: Slot,
         into: Slot,
         partition: PathBuf,
-        esp: PathBuf,
     },
     /// Not booted from a disk slot (host mode, a diskless initramfs boot):
     /// a bundle is checked, nothing can be installed. The text says why.
@@ -57,11 +56,10 @@ pub fn target(cmdline: &str, host_mode: bool) -> Target {
         crate::disks::find(sys, into.partition()),
         crate::disks::find(sys, layout::ESP_PARTITION),
     ) {
-        (Some(p), Some(e)) => Target::Disk {
+        (Some(p), Some(_)) => Target::Disk {
             running,
             into,
             partition: p.dev,
-            esp: e.dev,
         },
         _ => Target::Nowhere(format!(
             "the boot disk has no partition {} or {}: not a disk from `imager build`",
@@ -82,8 +80,8 @@ pub enum UpgradeError {
     NoTarget { checked: String, why: String },
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-    #[error("mounting the ESP {0}: {1}")]
-    Mount(PathBuf, nix::errno::Errno),
+    #[error("the ESP: {0}")]
+    Esp(#[from] crate::bootentry::BootEntryError),
 }
 
 /// What was installed.
@@ -110,12 +108,11 @@ pub fn checked(v: &Verified) -> String {
 }
 
 /// Reads a bundle from `r` and installs it into `target`. Blocking: run
-/// it on a blocking thread. `generation` names the new boot entry.
+/// it on a blocking thread.
 pub fn install(
     r: impl Read,
     trusted: &[TrustedKey],
     target: &Target,
-    work: &Path,
 ) -> Result<Installed, UpgradeError> {
     match target {
         Target::Nowhere(why) => {
@@ -131,29 +128,10 @@ pub fn install(
             running,
             into,
             partition,
-            esp,
-        } => {
-            let mnt = work.join("esp");
-            std::fs::create_dir_all(&mnt).map_err(io(mnt.display().to_string()))?;
-            mount_esp(esp, &mnt)?;
-            let r = install_disk(r, trusted, *running, *into, partition, &mnt);
-            nix::unistd::sync();
-            let _ = nix::mount::umount2(&mnt, nix::mount::MntFlags::empty());
-            r
-        }
+        } => crate::bootentry::with_esp(|esp| {
+            Ok(install_disk(r, trusted, *running, *into, partition, esp))
+        })?,
     }
-}
-
-fn mount_esp(dev: &Path, at: &Path) -> Result<(), UpgradeError> {
-    use nix::mount::{mount, MsFlags};
-    mount(
-        Some(dev),
-        at,
-        Some("vfat"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| UpgradeError::Mount(dev.to_owned(), e))
 }
 
 /// The size of a block device (or file), by seeking to its end.
@@ -236,7 +214,7 @@ fn install_disk(
     let text = format!(
         "title Kubernetes node OS {} (slot {into}, upgrade {generation})\nversion {}\nlinux /{}\ninitrd /{}\noptions {} {}\n",
         verified.manifest.profile.name,
-        verified.manifest.imager_version,
+        version_of(&verified.manifest),
         into.kernel_path(),
         into.initrd_path(),
         cmdline,
@@ -256,6 +234,20 @@ fn install_disk(
         running: Some(running),
         entry: name,
     })
+}
+
+/// The version an entry shows: the image's, else imager's (older
+/// manifests), sanitized to one token.
+fn version_of(m: &machine_api::image_bundle::BundleManifest) -> String {
+    let v = if m.image_version.is_empty() {
+        &m.imager_version
+    } else {
+        &m.image_version
+    };
+    v.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._+-~".contains(*c))
+        .take(64)
+        .collect()
 }
 
 /// A [`Read`] over chunks handed over from the async API: the gRPC stream

@@ -68,6 +68,8 @@ enum Command {
     Reset(cmd::power::Reset),
     /// Install an upgrade bundle into the other slot and reboot into it.
     Upgrade(cmd::upgrade::Upgrade),
+    /// Boot the other slot again (the version before the last upgrade).
+    Rollback(cmd::power::Rollback),
 }
 
 fn main() -> ExitCode {
@@ -113,6 +115,7 @@ async fn run_node_verb(c: Command) -> anyhow::Result<ExitCode> {
         Command::Shutdown(p) => p.run(cmd::power::PowerAction::Shutdown).await,
         Command::Reset(r) => r.run().await,
         Command::Upgrade(u) => u.run().await,
+        Command::Rollback(r) => r.run().await,
         Command::Gen(_) | Command::Validate(_) | Command::Docs(_) | Command::Cluster(_) => {
             unreachable!("handled in main")
         }

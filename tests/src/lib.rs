@@ -399,11 +399,19 @@ pub fn build_qemu_image_with(out: &Path, extra: &[&std::ffi::OsStr]) -> Option<P
     let kube_flag = extra
         .iter()
         .any(|a| a.to_string_lossy().starts_with("--kubernetes"));
+    let has = |flag: &str| extra.iter().any(|a| a.to_string_lossy() == flag);
     let build = Command::new(bin("imager"))
         .current_dir(&root)
         .args(["build", "-q", "profiles/qemu.yaml", "-o"])
         .arg(out)
-        .args(["--machined", bin("machined").to_str().unwrap()])
+        .args(if has("--machined") {
+            vec![]
+        } else {
+            vec![
+                "--machined".to_owned(),
+                bin("machined").display().to_string(),
+            ]
+        })
         .args(["--init", bin("init").to_str().unwrap()])
         .args(["--pause", bin("pause").to_str().unwrap()])
         .args(if kube_flag {
@@ -423,6 +431,93 @@ pub fn build_qemu_image_with(out: &Path, extra: &[&std::ffi::OsStr]) -> Option<P
         panic!("image build failed: {err}");
     }
     Some(out.to_owned())
+}
+
+/// A QEMU VM, killed when dropped.
+#[derive(Debug)]
+pub struct Vm(pub std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A VM booting a copy of an image's disk through OVMF and systemd-boot
+/// (TCG, 1.5 GiB, 2 vCPUs, user networking with DHCP), with host ports
+/// forwarded to guest ports. Without `-no-reboot`: reboots come back
+/// through the firmware.
+#[derive(Debug)]
+pub struct UefiVm {
+    pub vm: Vm,
+    pub serial: PathBuf,
+}
+
+impl UefiVm {
+    /// The OVMF firmware (code, vars template); None when not installed.
+    pub fn firmware() -> Option<(PathBuf, PathBuf)> {
+        let code = PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd");
+        let vars = PathBuf::from("/usr/share/OVMF/OVMF_VARS_4M.fd");
+        (code.exists() && vars.exists()).then_some((code, vars))
+    }
+
+    /// Boots `image`'s disk (copied sparse into `dir`, grown to `size`).
+    pub fn boot(dir: &Path, image: &Path, size: u64, forwards: &[(u16, u16)]) -> Self {
+        let (code, vars_template) = Self::firmware().expect("OVMF is installed");
+        let disk = dir.join("disk.raw");
+        let cp = Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(image.join("qemu-disk.raw"))
+            .arg(&disk)
+            .status()
+            .unwrap();
+        assert!(cp.success());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let vars = dir.join("vars.fd");
+        std::fs::copy(vars_template, &vars).unwrap();
+        let serial = dir.join("serial.log");
+        let fwd: String = forwards
+            .iter()
+            .map(|(host, guest)| format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"))
+            .collect();
+        let vm = Vm(Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-m", "1536", "-smp", "2"])
+            .args(["-display", "none", "-monitor", "none", "-nodefaults"])
+            .args(["-device", "virtio-rng-pci"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,readonly=on,file={}",
+                code.display()
+            ))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw", disk.display()))
+            .args([
+                "-netdev",
+                &format!("user,id=n0,restrict=on{fwd}"),
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap());
+        UefiVm { vm, serial }
+    }
+
+    /// The serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
 }
 
 /// A free TCP port on 127.0.0.1.

@@ -139,6 +139,12 @@ const TABLE: &[Row] = &[
         Admin,
         Then::Code(Code::InvalidArgument),
     ),
+    // Host mode: no other slot.
+    row(
+        "/machine.v1alpha1.MachineService/Rollback",
+        Admin,
+        Then::Code(Code::FailedPrecondition),
+    ),
     row("/machine.v1alpha1.ServiceService/List", Reader, Then::Ok),
     // Start, Stop, Restart: a service the node does not have.
     row(
@@ -537,6 +543,7 @@ async fn call(ch: Channel, path: &str, a: &Args) -> Result<(), tonic::Status> {
         ("MachineService", "Reboot") => m.reboot(Empty {}).await.map(drop),
         ("MachineService", "Shutdown") => m.shutdown(Empty {}).await.map(drop),
         ("MachineService", "Reset") => m.reset(ResetRequest { graceful: false }).await.map(drop),
+        ("MachineService", "Rollback") => m.rollback(Empty {}).await.map(drop),
         ("MachineService", "Upgrade") => m
             .upgrade(tokio_stream::iter([UpgradeRequest {
                 chunk: b"not a bundle".to_vec(),

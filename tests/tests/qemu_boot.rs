@@ -9,23 +9,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use node_tests::{
     build_qemu_image, console_value as banner, etcd_client_certs, free_port, osctl, require,
-    wait_until, ClusterFiles,
+    wait_until, ClusterFiles, UefiVm, Vm,
 };
-
-struct Vm(Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
@@ -152,60 +142,17 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
 #[test]
 fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() {
     require!("qemu-system-x86_64", "etcdctl");
-    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
-    let vars_template = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
-    if !code.exists() || !vars_template.exists() {
+    if UefiVm::firmware().is_none() {
         machine_api::skip_test!("OVMF is not installed (apt-get install ovmf)");
     }
     let tmp = tempfile::tempdir().unwrap();
     let Some(image) = build_qemu_image(&tmp.path().join("image")) else {
         return;
     };
-    // The node's own disk: a copy, bigger than the image, so EPHEMERAL grows.
-    let disk = tmp.path().join("disk.raw");
-    let cp = Command::new("cp")
-        .args(["--sparse=always"])
-        .arg(image.join("qemu-disk.raw"))
-        .arg(&disk)
-        .status()
-        .unwrap();
-    assert!(cp.success());
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .set_len(3 << 30)
-        .unwrap();
-    let vars = tmp.path().join("vars.fd");
-    std::fs::copy(vars_template, &vars).unwrap();
-
     let (api, etcd) = (free_port(), free_port());
-    let serial = tmp.path().join("serial.log");
-    // No -no-reboot: `osctl reboot` must come back through the firmware.
-    let _vm = Vm(Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "1536", "-smp", "2"])
-        .args(["-display", "none", "-monitor", "none", "-nodefaults"])
-        .args(["-device", "virtio-rng-pci"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,readonly=on,file={}", code.display()))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw", disk.display()))
-        .args([
-            "-netdev",
-            &format!(
-                "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{api}-:50000,hostfwd=tcp:127.0.0.1:{etcd}-:2379"
-            ),
-            "-device",
-            "virtio-net-pci,netdev=n0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    // The node's own disk: a copy, bigger than the image, so EPHEMERAL grows.
+    let vm = UefiVm::boot(tmp.path(), &image, 3 << 30, &[(api, 50000), (etcd, 2379)]);
+    let serial = vm.serial.clone();
     let log = || std::fs::read_to_string(&serial).unwrap_or_default();
     wait_until(
         Duration::from_secs(240),

@@ -103,6 +103,11 @@ pub const RULES: &[Rule] = &[
         Access::Admin,
         false,
     ),
+    rule(
+        "/machine.v1alpha1.MachineService/Rollback",
+        Access::Admin,
+        false,
+    ),
     rule("/machine.v1alpha1.ServiceService/List", Access::Read, false),
     rule(
         "/machine.v1alpha1.ServiceService/Start",

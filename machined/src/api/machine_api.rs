@@ -7,8 +7,8 @@ use machine_api::proto::machine_service_server::MachineService;
 use machine_api::proto::{
     ApplyConfigurationRequest, ApplyConfigurationResponse, ApplyMode as ProtoMode, BootMark,
     BootTimelineResponse, ConfirmConfigurationResponse, Empty, GetConfigurationResponse,
-    HealthResponse, KubeconfigResponse, ResetRequest, UpgradeRequest, UpgradeResponse,
-    VersionResponse,
+    HealthResponse, KubeconfigResponse, ResetRequest, RollbackResponse, SlotEntry, UpgradeRequest,
+    UpgradeResponse, VersionResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -41,6 +41,11 @@ fn who<T>(r: &Request<T>) -> String {
 impl MachineService for MachineApi {
     async fn version(&self, _: Request<Empty>) -> Result<Response<VersionResponse>, Status> {
         let cfg = self.0.config();
+        let running = if self.0.opts.host_mode {
+            None
+        } else {
+            crate::bootentry::running_slot(crate::cmdline::Cmdline::current().text())
+        };
         Ok(Response::new(VersionResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             node: self.0.identity_for(cfg.as_ref()).name,
@@ -55,6 +60,17 @@ impl MachineService for MachineApi {
                         .collect()
                 })
                 .unwrap_or_default(),
+            image_version: if self.0.opts.host_mode {
+                String::new()
+            } else {
+                image_version()
+            },
+            slot: running.map(|s| s.name().to_owned()).unwrap_or_default(),
+            slots: if running.is_some() {
+                slot_entries().await
+            } else {
+                Vec::new()
+            },
         }))
     }
 
@@ -216,17 +232,11 @@ impl MachineService for MachineApi {
             crate::cmdline::Cmdline::current().text(),
             self.0.opts.host_mode,
         );
-        let work = self.0.opts.paths.root.join("run/machined/upgrade");
         info!(caller, ?target, keys = trusted.len(), "upgrade started");
         let mut stream = r.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
         let install = tokio::task::spawn_blocking(move || {
-            crate::upgrade::install(
-                crate::upgrade::ChunkReader::new(rx),
-                &trusted,
-                &target,
-                &work,
-            )
+            crate::upgrade::install(crate::upgrade::ChunkReader::new(rx), &trusted, &target)
         });
         let mut stage = None;
         let mut total = 0u64;
@@ -316,6 +326,46 @@ impl MachineService for MachineApi {
         Ok(with_after(reply, out.after))
     }
 
+    async fn rollback(&self, r: Request<Empty>) -> Result<Response<RollbackResponse>, Status> {
+        let caller = who(&r);
+        let running = if self.0.opts.host_mode {
+            None
+        } else {
+            crate::bootentry::running_slot(crate::cmdline::Cmdline::current().text())
+        };
+        let Some(running) = running else {
+            return Err(Status::failed_precondition(
+                "this node did not boot from a disk slot: there is no other slot to roll back to",
+            ));
+        };
+        let _busy = UPGRADE.try_lock().map_err(|_| {
+            Status::aborted("an upgrade is running on this node: wait for it to finish")
+        })?;
+        let done = tokio::task::spawn_blocking(move || {
+            crate::bootentry::with_esp(|esp| crate::bootentry::rollback_in(esp, running))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the rollback task failed: {e}")))?;
+        forget_slot_entries();
+        let message = match done {
+            Ok(m) => m,
+            Err(crate::bootentry::BootEntryError::Refused(m)) => {
+                return Err(Status::failed_precondition(m))
+            }
+            Err(e) => return Err(Status::internal(e.to_string())),
+        };
+        info!(caller, message, "rollback");
+        self.0.note_event(message.clone());
+        let out = self.0.request(NodeRequest::Reboot).await?;
+        Ok(with_after(
+            RollbackResponse {
+                slot: running.other().name().to_owned(),
+                message: format!("{message}; rebooting"),
+            },
+            out.after,
+        ))
+    }
+
     async fn reset(&self, r: Request<ResetRequest>) -> Result<Response<Empty>, Status> {
         info!(caller = who(&r), "reset requested");
         let graceful = r.into_inner().graceful;
@@ -346,7 +396,67 @@ fn upgrade_status(e: crate::upgrade::UpgradeError) -> Status {
     let msg = e.to_string();
     match e {
         U::Bundle(B::Signature(_)) | U::NoTarget { .. } => Status::failed_precondition(msg),
-        U::Bundle(B::Store { .. }) | U::Io(..) | U::Mount(..) => Status::internal(msg),
+        U::Bundle(B::Store { .. }) | U::Io(..) | U::Esp(..) => Status::internal(msg),
         U::Bundle(_) => Status::invalid_argument(msg),
     }
+}
+
+/// The image's version: VERSION_ID of its os-release.
+fn image_version() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_ID="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap_or_default()
+}
+
+/// The ESP's boot entries, read at most every few seconds (Version is
+/// served to anyone in maintenance mode: it must not mount the ESP on
+/// every call).
+static SLOT_ENTRIES: std::sync::Mutex<Option<(std::time::Instant, Vec<SlotEntry>)>> =
+    std::sync::Mutex::new(None);
+
+fn forget_slot_entries() {
+    if let Ok(mut c) = SLOT_ENTRIES.lock() {
+        *c = None;
+    }
+}
+
+async fn slot_entries() -> Vec<SlotEntry> {
+    if let Ok(c) = SLOT_ENTRIES.lock() {
+        if let Some((at, list)) = c.as_ref() {
+            if at.elapsed() < Duration::from_secs(5) {
+                return list.clone();
+            }
+        }
+    }
+    let running = crate::bootentry::running_slot(crate::cmdline::Cmdline::current().text());
+    let list = tokio::task::spawn_blocking(move || {
+        crate::bootentry::with_esp(crate::bootentry::entries_in)
+    })
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or_default();
+    // The running entry: this slot's first one that still boots.
+    let mut seen_running = false;
+    let list: Vec<SlotEntry> = list
+        .into_iter()
+        .map(|e| {
+            let this = !seen_running && Some(e.parsed.slot) == running && e.tries_left != Some(0);
+            seen_running |= this;
+            SlotEntry {
+                slot: e.parsed.slot.name().to_owned(),
+                entry: e.file.clone(),
+                version: e.version.clone(),
+                state: e.state(),
+                running: this,
+            }
+        })
+        .collect();
+    if let Ok(mut c) = SLOT_ENTRIES.lock() {
+        *c = Some((std::time::Instant::now(), list.clone()));
+    }
+    list
 }

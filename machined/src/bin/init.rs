@@ -27,6 +27,26 @@ use nix::unistd::Pid;
 const MACHINED: &str = "/usr/bin/machined";
 /// machined exits with this code to ask for a reboot.
 const EXIT_REBOOT: i32 = 10;
+/// Quick exits of machined after which a trial boot is given up.
+const QUICK_EXITS_ON_TRIAL: u32 = 3;
+
+/// Whether this is a disk boot whose systemd-boot entry still counts
+/// tries, with the other slot bootable (read from the ESP; false when that
+/// cannot be read).
+fn trial_boot() -> bool {
+    let Some(slot) = cmdline_value(layout::SLOT_PARAM).and_then(|s| Slot::parse(&s)) else {
+        return false;
+    };
+    match machined::bootentry::with_esp(|esp| {
+        Ok(machined::bootentry::trial_with_fallback(esp, slot))
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            log(&format!("cannot read the boot entries: {e}"));
+            false
+        }
+    }
+}
 
 fn uptime() -> String {
     std::fs::read_to_string("/proc/uptime")
@@ -399,6 +419,11 @@ fn main() {
     }
     let mut machined = start_machined();
     let mut last_start = Instant::now();
+    // machined exits within a minute of its start, again and again: on a
+    // boot whose entry still counts tries (an upgrade's first boots) that
+    // is a broken new system, and only a reboot lets systemd-boot count
+    // the try down and, with none left, start the slot that ran before.
+    let mut quick_exits = 0u32;
     // 1 s, doubling up to 30 s; back to 1 s after a run of over a minute.
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
@@ -410,6 +435,16 @@ fn main() {
                 _ => {
                     if last_start.elapsed() > Duration::from_secs(60) {
                         backoff.reset();
+                        quick_exits = 0;
+                    } else {
+                        quick_exits += 1;
+                    }
+                    if quick_exits >= QUICK_EXITS_ON_TRIAL && trial_boot() {
+                        log(&format!(
+                            "machined exited {quick_exits} times within a minute of its start on a boot whose entry still counts tries: rebooting, so systemd-boot counts this try down and starts the previous slot when none is left"
+                        ));
+                        nix::unistd::sync();
+                        power(RebootMode::RB_AUTOBOOT);
                     }
                     let delay = backoff.next_delay();
                     log(&format!(

@@ -12,6 +12,9 @@ use super::{Node, NodeError, Request};
 use crate::net;
 use crate::state::{ConfigStore, Record, StoreError};
 
+/// How long the first boot of an upgrade has to get every service healthy.
+pub const UPGRADE_HEALTHY_WITHIN: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Node {
     /// Loads the config record, adopts running services, starts the core
     /// and waits until the start transition (resume or roll back a try,
@@ -74,14 +77,72 @@ impl Node {
         }
     }
 
-    /// Once per boot, on a disk boot: the API serves, so this slot's
-    /// systemd-boot entry loses its try counter.
-    pub fn mark_boot_good(&self) {
+    /// Once per boot, on a disk boot: this slot's systemd-boot entry loses
+    /// its try counter once the new system is healthy. For imager's first
+    /// entry (a fresh disk) that is when the API serves: config problems
+    /// are handled by rollback, not by another slot. For an upgrade's entry
+    /// of a configured node it is when the API serves and every service
+    /// is healthy; if that does not happen within [`UPGRADE_HEALTHY_WITHIN`]
+    /// the node reboots, and systemd-boot counts a try down; when none is
+    /// left it boots the slot that ran before.
+    pub fn mark_boot_good(self: &Arc<Self>) {
         if self.opts.host_mode || self.timeline.has("boot entry") {
             return;
         }
         let cmdline = crate::cmdline::Cmdline::current();
-        match crate::bootentry::mark_good(cmdline.text()) {
+        let Some(slot) = crate::bootentry::running_slot(cmdline.text()) else {
+            return;
+        };
+        let this =
+            crate::bootentry::with_esp(|esp| Ok(crate::bootentry::this_boot_entry(esp, slot)));
+        let upgrade_trial =
+            matches!(this, Ok(Some((e, true))) if e.generation > 0) && self.config().is_some();
+        if !upgrade_trial {
+            self.mark_now(cmdline.text());
+            return;
+        }
+        info!("first boot of an upgrade: the entry is marked good once every service is healthy");
+        self.timeline
+            .mark("upgrade trial", "waiting for every service to be healthy");
+        let node = self.clone();
+        let text = cmdline.text().to_owned();
+        tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            loop {
+                let services = node.services().await;
+                let healthy = !services.is_empty()
+                    && services
+                        .iter()
+                        .all(|s| s.state == crate::supervisor::ServiceState::Healthy);
+                if healthy {
+                    node.mark_now(&text);
+                    return;
+                }
+                if start.elapsed() > UPGRADE_HEALTHY_WITHIN {
+                    let sick: Vec<String> = services
+                        .iter()
+                        .filter(|s| s.state != crate::supervisor::ServiceState::Healthy)
+                        .map(|s| format!("{} {:?}", s.name, s.state))
+                        .collect();
+                    let msg = format!(
+                        "the upgrade did not become healthy within {} s ({}): rebooting; systemd-boot counts a try down and starts the previous slot when none is left",
+                        UPGRADE_HEALTHY_WITHIN.as_secs(),
+                        sick.join(", ")
+                    );
+                    tracing::warn!("{msg}");
+                    node.timeline.mark("upgrade trial", &msg);
+                    node.note(msg);
+                    // Dropping the outcome fires the reboot.
+                    let _ = node.request(Request::Reboot).await;
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        });
+    }
+
+    fn mark_now(&self, cmdline: &str) {
+        match crate::bootentry::mark_good(cmdline) {
             None => {}
             Some(Ok(msg)) => {
                 info!("{msg}");

@@ -1,4 +1,4 @@
-//! `osctl reboot`, `osctl shutdown` and `osctl reset`.
+//! `osctl reboot`, `osctl shutdown`, `osctl reset` and `osctl rollback`.
 
 use std::process::ExitCode;
 
@@ -66,6 +66,24 @@ impl Reset {
             vec![vec![
                 "reset: config and data wiped; the node is back in maintenance mode".into(),
             ]]
+        }))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct Rollback {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+impl Rollback {
+    pub async fn run(self) -> Result<ExitCode> {
+        let s = Session::mutual(&self.connect)?;
+        let res = s
+            .call(|ch| async move { rpc(MachineServiceClient::new(ch).rollback(Empty {}).await) })
+            .await;
+        Ok(print(s.output, &res, &["SLOT", "MESSAGE"], |r| {
+            vec![vec![r.slot.clone(), r.message.clone()]]
         }))
     }
 }

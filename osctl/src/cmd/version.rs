@@ -48,11 +48,19 @@ impl Version {
         Ok(print(
             s.output,
             &res,
-            &["NAME", "VERSION", "MODE", "ROLES", "UPTIME"],
+            &[
+                "NAME", "VERSION", "IMAGE", "SLOTS", "MODE", "ROLES", "UPTIME",
+            ],
             |v| {
                 vec![vec![
                     v.node.clone(),
                     v.version.clone(),
+                    if v.image_version.is_empty() {
+                        "-".into()
+                    } else {
+                        v.image_version.clone()
+                    },
+                    slots(v),
                     if v.maintenance {
                         "maintenance".into()
                     } else {
@@ -64,4 +72,33 @@ impl Version {
             },
         ))
     }
+}
+
+/// The boot entries in boot order, the running one starred: `*B 2.0 good,
+/// A 1.0 good`. `-` when the node did not boot from a disk slot.
+fn slots(v: &VersionResponse) -> String {
+    if v.slots.is_empty() {
+        return if v.slot.is_empty() {
+            "-".into()
+        } else {
+            format!("*{}", v.slot)
+        };
+    }
+    v.slots
+        .iter()
+        .map(|e| {
+            format!(
+                "{}{} {} {}",
+                if e.running { "*" } else { "" },
+                e.slot,
+                if e.version.is_empty() {
+                    "?"
+                } else {
+                    &e.version
+                },
+                e.state
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
