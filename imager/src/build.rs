@@ -14,9 +14,9 @@ use crate::assemble::{self, elf, modules};
 use crate::container_images::{self, ManifestContainerImage};
 use crate::format::{cpio, fat, gpt_disk, squashfs};
 use crate::kubernetes::{KubeSource, ManifestKubernetes};
-use crate::lock::{rfc2822_to_epoch, Lock, LockedPackage};
+use crate::lock::{CheckReport, Lock};
 use crate::profile::{OutputKind, Profile};
-use crate::source::{self, Cache, Mirror, PackageRecord};
+use crate::source::{self, Archives, Cache, MirrorOverrides};
 use crate::tree::{Entry, Tree};
 
 /// Reports steps: a spinner with the current step on a terminal, plain
@@ -73,65 +73,65 @@ impl Drop for Progress {
     }
 }
 
-pub fn mirror(override_uri: Option<&str>) -> Result<Mirror> {
-    if let Some(uri) = override_uri {
-        // A given mirror needs no apt configuration; the keyring still
-        // comes from $IMAGER_KEYRING or Debian's default.
-        let keyring = std::env::var_os("IMAGER_KEYRING")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/usr/share/keyrings/debian-archive-keyring.gpg"));
-        return Ok(Mirror {
-            uri: uri.to_owned(),
-            keyring,
-        });
-    }
-    Mirror::from_host().context("finding the package mirror (pass --mirror URI)")
+/// Where each suite is fetched from: `--mirror` (the main archive),
+/// `--mirror-for SUITE=URI`, `IMAGER_KEYRING`, else the host's apt
+/// configuration ([`source::Archives`]).
+fn archives(
+    suites: &[String],
+    mirror_uri: Option<&str>,
+    mirror_for: &[String],
+) -> Result<Archives> {
+    let keyring = std::env::var_os("IMAGER_KEYRING")
+        .filter(|k| !k.is_empty())
+        .map(PathBuf::from);
+    let o = MirrorOverrides::new(mirror_uri, mirror_for, keyring)?;
+    Archives::from_host(suites, &o)
+        .context("finding each suite's archive (pass --mirror URI, --mirror-for SUITE=URI)")
 }
 
-/// `imager lock`: resolves the profile's packages in the signed index.
-pub fn lock(profile_path: &Path, mirror_uri: Option<&str>, progress: &Progress) -> Result<Lock> {
+/// `imager lock`: resolves the profile's packages over the signed indexes
+/// of its suites (highest version wins) and returns the lock.
+pub fn lock(
+    profile_path: &Path,
+    mirror_uri: Option<&str>,
+    mirror_for: &[String],
+    progress: &Progress,
+) -> Result<Lock> {
     let (profile, _) = Profile::load(profile_path)?;
-    let m = mirror(mirror_uri)?;
+    let archives = archives(&profile.source.suites, mirror_uri, mirror_for)?;
     let cache = Cache::new(Cache::default_dir());
-    progress.step(format!(
-        "fetching and verifying InRelease of {}",
-        profile.source.suite
-    ));
-    let release = source::fetch_release(&m, &profile.source.suite)?;
-    let mut index = Vec::new();
-    for c in &profile.source.components {
-        progress.step(format!(
-            "fetching {c}/binary-{} index",
-            profile.source.architecture
-        ));
-        index.extend(source::fetch_index(
-            &m,
-            &release,
-            c,
-            &profile.source.architecture,
-            &cache,
-        )?);
+    let indexes = crate::lock::fetch_suites(&profile, &archives, &cache, progress)?;
+    let recs = source::resolve(
+        &indexes.packages,
+        &profile.packages,
+        true,
+        &profile.skip_depends,
+    )?;
+    for suite in &profile.source.suites {
+        let n = recs.iter().filter(|r| r.suite == *suite).count();
+        progress.step(format!("{n} packages from {suite}"));
     }
-    let recs = source::resolve(&index, &profile.packages, true, &profile.skip_depends)?;
-    progress.step(format!("resolved {} packages", recs.len()));
-    Ok(Lock {
-        profile: profile.name.clone(),
-        profile_inputs_sha256: profile.inputs_hash(),
-        suite: profile.source.suite.clone(),
-        release_date: release.date.clone(),
-        release_sha256: release.sha256.clone(),
-        packages: recs
-            .into_iter()
-            .map(|r| LockedPackage {
-                name: r.name,
-                version: r.version,
-                architecture: r.architecture,
-                filename: r.filename,
-                sha256: r.sha256,
-                size: r.size,
-            })
-            .collect(),
-    })
+    Ok(Lock::new(&profile, &indexes.releases, recs)?)
+}
+
+/// `imager lock --check`: compares the lock with the suites' current
+/// signed indexes, writing nothing.
+pub fn check_lock(
+    profile_path: &Path,
+    mirror_uri: Option<&str>,
+    mirror_for: &[String],
+    progress: &Progress,
+) -> Result<CheckReport> {
+    let (profile, _) = Profile::load(profile_path)?;
+    let lock = Lock::load(
+        &Lock::path_for(profile_path),
+        profile_path,
+        &profile.inputs_hash(),
+    )?;
+    let archives = archives(&profile.source.suites, mirror_uri, mirror_for)?;
+    let cache = Cache::new(Cache::default_dir());
+    let indexes = crate::lock::fetch_suites(&profile, &archives, &cache, progress)?;
+    Ok(crate::lock::check(&lock, &indexes.packages))
 }
 
 /// What `imager build` is told.
@@ -302,21 +302,6 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-fn record(p: &LockedPackage) -> PackageRecord {
-    PackageRecord {
-        name: p.name.clone(),
-        version: p.version.clone(),
-        architecture: p.architecture.clone(),
-        filename: p.filename.clone(),
-        sha256: p.sha256.clone(),
-        size: p.size,
-        depends: Vec::new(),
-        pre_depends: Vec::new(),
-        provides: Vec::new(),
-        source: String::new(),
-    }
-}
-
 /// Which package (index into the lock) wrote each unpacked path last.
 type UnpackedBy = std::collections::BTreeMap<PathBuf, usize>;
 
@@ -449,24 +434,32 @@ pub fn build(opts: &BuildOptions, progress: &Progress) -> Result<Manifest> {
     let lock = Lock::load(&lock_path, &opts.profile, &profile.inputs_hash())?;
     let epoch = opts
         .source_date_epoch
-        .or_else(|| rfc2822_to_epoch(&lock.release_date))
+        .or_else(|| lock.source_date_epoch())
         .ok_or_else(|| {
-            anyhow!("no SOURCE_DATE_EPOCH and the lock's release date does not parse")
+            anyhow!(
+                "no SOURCE_DATE_EPOCH and a release date of {} does not parse: run `imager lock` again",
+                lock_path.display()
+            )
         })?;
     // Files baked in for machined, checked before any slow work.
     let baked = baked_files(opts)?;
     std::fs::create_dir_all(&opts.output)
         .with_context(|| format!("create {}", opts.output.display()))?;
 
-    // 1. Inputs, verified against the lock.
-    let m = mirror(opts.mirror.as_deref())?;
+    // 1. Inputs, verified against the lock, each from its suite's archive.
+    let archives = Archives::from_host(
+        &lock.suite_names(),
+        &MirrorOverrides::from_env(opts.mirror.as_deref())?,
+    )
+    .context(
+        "finding each locked suite's archive (pass --mirror URI, set IMAGER_MIRROR_FOR=SUITE=URI)",
+    )?;
     let cache = Cache::new(Cache::default_dir());
-    let recs: Vec<PackageRecord> = lock.packages.iter().map(record).collect();
     progress.step(format!(
         "fetching {} packages (verified by sha256 from the lock)",
-        recs.len()
+        lock.packages.len()
     ));
-    let debs = source::fetch_debs(&m, &recs, &cache, opts.jobs.max(4))
+    let debs = crate::lock::fetch_locked(&lock, &archives, &cache, opts.jobs.max(4))
         .context("fetching the locked packages (a checksum mismatch means the lock no longer matches the archive: run `imager lock`)")?;
     progress.step("unpacking");
     let shas: Vec<String> = lock.packages.iter().map(|p| p.sha256.clone()).collect();

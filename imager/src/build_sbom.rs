@@ -51,7 +51,7 @@ pub fn input(p: &Parts) -> anyhow::Result<SbomInput> {
             version: l.version.clone(),
             architecture: l.architecture.clone(),
             sha256: l.sha256.clone(),
-            suite: p.lock.suite.clone(),
+            suite: p.lock.suite_of(l).to_owned(),
             filename: l.filename.clone(),
         })
         .collect();

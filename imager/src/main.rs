@@ -137,11 +137,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config_ca: Option<PathBuf>,
     },
-    /// Resolve PROFILE's packages in the signed index and write PROFILE.lock.
+    /// Resolve PROFILE's packages over the signed indexes of its suites
+    /// (highest version wins) and write PROFILE.lock.
     Lock {
         profile: PathBuf,
+        /// The main archive's URI (default: the host's apt configuration);
+        /// also serves the suites that are not *-security.
         #[arg(long, env = "IMAGER_MIRROR")]
         mirror: Option<String>,
+        /// Fetch SUITE from the archive at URI (e.g. a *-security suite,
+        /// which Debian serves from an archive of its own). Repeatable;
+        /// the variable takes a comma-separated list.
+        #[arg(
+            long = "mirror-for",
+            value_name = "SUITE=URI",
+            env = "IMAGER_MIRROR_FOR"
+        )]
+        mirror_for: Vec<String>,
+        /// Write nothing: list the locked packages that have a newer build
+        /// in the suites now. Exit 0: none; 1: newer builds; 3: a newer
+        /// build from a *-security suite; 2: the check failed.
+        #[arg(long)]
+        check: bool,
     },
     /// List the contents of an initramfs, disk image or manifest.
     Inspect { file: PathBuf },
@@ -279,18 +296,28 @@ fn main() -> ExitCode {
                 &progress,
             )
         })(),
-        Command::Lock { profile, mirror } => build::lock(&profile, mirror.as_deref(), &progress)
-            .and_then(|lock| {
-                let path = Lock::path_for(&profile);
-                machine_api::atomic::write_atomic(&path, lock.to_yaml().as_bytes(), 0o644)
-                    .with_context(|| format!("write {}", path.display()))?;
-                println!(
-                    "wrote {} ({} packages)",
-                    path.display(),
-                    lock.packages.len()
-                );
-                Ok(())
-            }),
+        Command::Lock {
+            profile,
+            mirror,
+            mirror_for,
+            check: true,
+        } => return lock_check(&profile, mirror.as_deref(), &mirror_for, &progress),
+        Command::Lock {
+            profile,
+            mirror,
+            mirror_for,
+            check: false,
+        } => build::lock(&profile, mirror.as_deref(), &mirror_for, &progress).and_then(|lock| {
+            let path = Lock::path_for(&profile);
+            machine_api::atomic::write_atomic(&path, lock.to_yaml().as_bytes(), 0o644)
+                .with_context(|| format!("write {}", path.display()))?;
+            println!(
+                "wrote {} ({} packages)",
+                path.display(),
+                lock.packages.len()
+            );
+            Ok(())
+        }),
         Command::Inspect { file } => imager::inspect::inspect(&file),
         Command::Profiles { dir } => profiles(&dir),
     };
@@ -299,6 +326,29 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `imager lock --check`: one line per changed package on stdout, then a
+/// summary; the exit code says what changed (see [`imager::lock::CHECK_NEWER`]).
+fn lock_check(
+    profile: &Path,
+    mirror: Option<&str>,
+    mirror_for: &[String],
+    progress: &Progress,
+) -> ExitCode {
+    match build::check_lock(profile, mirror, mirror_for, progress) {
+        Ok(report) => {
+            for c in &report.changes {
+                println!("{}", c.line());
+            }
+            println!("{}", report.summary(profile));
+            ExitCode::from(report.exit_code())
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(imager::lock::CHECK_FAILED)
         }
     }
 }

@@ -1,7 +1,12 @@
 //! Image profiles (`profiles/NAME.yaml`): what goes into an image and what
 //! comes out. The mirror is deliberately not part of a profile: it comes
-//! from the build host's apt configuration (or `--mirror`), so profiles are
-//! portable and name no host.
+//! from the build host's apt configuration (or `--mirror`, `--mirror-for`),
+//! so profiles are portable and name no host.
+//!
+//! `source.suites` lists the suites read, main suite first (`[trixie,
+//! trixie-updates, trixie-security]`): a release alone misses its point and
+//! security updates. `source.suite` (one) is still accepted, as older
+//! profiles wrote it, and means a list of one.
 
 use std::path::{Path, PathBuf};
 
@@ -39,8 +44,15 @@ pub struct Profile {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
-    /// Distribution suite, e.g. `trixie`.
+    /// The main suite, e.g. `trixie`. In a profile: the older spelling of
+    /// a one-suite `suites`. After [`Profile::load`]: the first suite.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub suite: String,
+    /// The suites to read, main suite first, e.g. `[trixie,
+    /// trixie-updates, trixie-security]`. After [`Profile::load`]: never
+    /// empty (`[suite]` for a profile that gave `suite`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub suites: Vec<String>,
     #[serde(default = "default_components")]
     pub components: Vec<String>,
     #[serde(default = "default_arch")]
@@ -151,6 +163,60 @@ pub enum ProfileError {
     Invalid(PathBuf, String),
 }
 
+impl Source {
+    /// Checks `suite` / `suites` and fills both: `suites` the list,
+    /// `suite` its first.
+    fn normalize(&mut self) -> Result<(), String> {
+        match (self.suite.trim().is_empty(), self.suites.is_empty()) {
+            (false, false) => {
+                return Err(
+                    "source: give `suites` (a list, main suite first) or `suite` (one, as older profiles do), not both"
+                        .into(),
+                )
+            }
+            (true, true) => {
+                return Err(
+                    "source.suites: name the suites to read, main suite first, e.g. [trixie, trixie-updates, trixie-security]"
+                        .into(),
+                )
+            }
+            (false, true) => self.suites = vec![self.suite.trim().to_owned()],
+            (true, false) => {}
+        }
+        for (i, s) in self.suites.iter().enumerate() {
+            let name_ok = !s.is_empty()
+                && s.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-._/".contains(&c));
+            if !name_ok {
+                return Err(format!("source.suites[{i}]: {s:?} is not a suite name"));
+            }
+            if self.suites[..i].contains(s) {
+                return Err(format!("source.suites[{i}]: {s} is listed twice"));
+            }
+        }
+        self.suite = self.suites[0].clone();
+        Ok(())
+    }
+
+    /// The source as the lock's inputs hash sees it: a one-suite source
+    /// hashes as older profiles' `suite: X` did, so their locks stay valid.
+    fn hash_key(&self) -> serde_json::Value {
+        if self.suites.len() <= 1 {
+            serde_json::json!({
+                "suite": self.suite,
+                "components": self.components,
+                "architecture": self.architecture,
+            })
+        } else {
+            serde_json::json!({
+                "suites": self.suites,
+                "components": self.components,
+                "architecture": self.architecture,
+            })
+        }
+    }
+}
+
 impl Profile {
     pub fn load(path: &Path) -> Result<(Profile, String), ProfileError> {
         let text =
@@ -161,7 +227,8 @@ impl Profile {
             let lines: Vec<String> = parsed.problems.iter().map(|p| p.to_string()).collect();
             return Err(bad(lines.join("; ")));
         }
-        let p = parsed.value.ok_or_else(|| bad("empty profile".into()))?;
+        let mut p = parsed.value.ok_or_else(|| bad("empty profile".into()))?;
+        p.source.normalize().map_err(bad)?;
         if p.kind != PROFILE_KIND {
             return Err(bad(format!("kind must be {PROFILE_KIND:?}")));
         }
@@ -184,10 +251,72 @@ impl Profile {
     /// when it changes, the lock is stale.
     pub fn inputs_hash(&self) -> String {
         let key = serde_json::json!({
-            "source": self.source,
+            "source": self.source.hash_key(),
             "packages": self.packages,
             "skipDepends": self.skip_depends,
         });
         hex::encode(Sha256::digest(key.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(dir: &Path, source: &str) -> Result<Profile, String> {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/qemu.yaml"),
+        )
+        .unwrap();
+        let start = text.find("source:\n").unwrap();
+        let end = text[start..].find("packages:").unwrap() + start;
+        let p = dir.join("p.yaml");
+        std::fs::write(&p, format!("{}{source}{}", &text[..start], &text[end..])).unwrap();
+        Profile::load(&p).map(|(p, _)| p).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn suite_or_suites() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = load_with(dir.path(), "source:\n  suite: trixie\n").unwrap();
+        assert_eq!(old.source.suites, ["trixie"]);
+        assert_eq!(old.source.suite, "trixie");
+        let one = load_with(dir.path(), "source:\n  suites: [trixie]\n").unwrap();
+        assert_eq!(
+            old.inputs_hash(),
+            one.inputs_hash(),
+            "a list of one is the old `suite`"
+        );
+        let three = load_with(
+            dir.path(),
+            "source:\n  suites: [trixie, trixie-updates, trixie-security]\n",
+        )
+        .unwrap();
+        assert_eq!(three.source.suite, "trixie");
+        assert_eq!(three.source.suites.len(), 3);
+        assert_ne!(three.inputs_hash(), one.inputs_hash());
+        let e =
+            load_with(dir.path(), "source:\n  suite: trixie\n  suites: [trixie]\n").unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = load_with(dir.path(), "source:\n  components: [main]\n").unwrap_err();
+        assert!(e.contains("source.suites"), "{e}");
+        let e = load_with(dir.path(), "source:\n  suites: [trixie, trixie]\n").unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    /// The hash of a one-suite source is what older imagers computed, so
+    /// their locks are not stale.
+    #[test]
+    fn one_suite_inputs_hash_is_unchanged() {
+        let s = Source {
+            suite: "trixie".into(),
+            suites: vec!["trixie".into()],
+            components: vec!["main".into()],
+            architecture: "amd64".into(),
+        };
+        assert_eq!(
+            s.hash_key().to_string(),
+            r#"{"suite":"trixie","components":["main"],"architecture":"amd64"}"#
+        );
     }
 }

@@ -458,6 +458,48 @@ fn signed_outputs_verify_and_tampering_is_refused(
     );
 }
 
+/// `imager verify --rebuild` with a different machined (one byte
+/// appended): the rebuild differs and the error names the first file of
+/// the image tree that differs.
+fn a_rebuild_that_differs_names_the_first_differing_file() {
+    let Some((out, tmp)) = built() else { return };
+    let other = tmp.path().join("machined-changed");
+    let mut data = std::fs::read(our_bin("machined")).unwrap();
+    data.push(0);
+    std::fs::write(&other, data).unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let rebuilt = tmp.path().join("rebuilt");
+    let (ok, text) = imager(&[
+        "verify",
+        out.join("manifest.json").to_str().unwrap(),
+        "--rebuild",
+        "-o",
+        rebuilt.to_str().unwrap(),
+        "--profile",
+        tmp.path().join("qemu.yaml").to_str().unwrap(),
+        "--machined",
+        other.to_str().unwrap(),
+        "--init",
+        our_bin("init").to_str().unwrap(),
+        "--pause",
+        our_bin("pause").to_str().unwrap(),
+    ]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("not reproduced")
+            && text.contains(
+                "first difference in the image tree: /usr/bin/machined: expected file 0755"
+            ),
+        "{text}"
+    );
+    // The kernel does not depend on machined: it is reported identical.
+    assert!(
+        text.contains("qemu-vmlinuz") && text.contains("identical"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&rebuilt);
+}
+
 /// The SBOM names etcd, containerd, runc and the kernel with the locked
 /// versions, nests each file under its package, and an independent
 /// CycloneDX validator accepts it.
@@ -712,6 +754,7 @@ fn qemu_profile_builds_reads_back_reproduces_and_boots() {
     initramfs_reads_back_with_cpio();
     disk_reads_back_with_sgdisk_mtools_and_unsquashfs();
     sbom_lists_the_locked_packages();
+    a_rebuild_that_differs_names_the_first_differing_file();
     same_profile_and_lock_build_byte_identical_outputs();
     kernel_and_initramfs_boot_to_our_init_under_qemu();
     disk_image_boots_through_ovmf_and_systemd_boot();

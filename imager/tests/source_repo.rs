@@ -1,15 +1,21 @@
 //! The package source against a local signed repository built here: an
 //! OpenPGP key made with the pgp crate, two tiny .debs, a Packages index
-//! and a clearsigned InRelease, served by file:// URI. All offline, except
+//! and a clearsigned InRelease, served by file:// URI. The multi-suite
+//! tests add a second archive root with a `-security` suite (as Debian's
+//! security archive is separate) and run the imager binary's `lock` and
+//! `lock --check` against both. All offline, except
 //! `online_trixie_inrelease_verifies` when IMAGER_ONLINE_TESTS=1.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 
+use imager::lock::{fetch_locked, Lock, CHECK_CURRENT, CHECK_FAILED, CHECK_NEWER, CHECK_SECURITY};
+use imager::profile::Profile;
 use imager::source::{
-    fetch_debs, fetch_index, fetch_release, resolve, unpack_deb, Cache, Mirror, PackageRecord,
-    SourceError,
+    fetch_debs, fetch_index, fetch_release, resolve, unpack_deb, Archives, Cache, Mirror,
+    MirrorOverrides, PackageRecord, SourceError,
 };
 use imager::tree::{Entry, Tree};
 use pgp::composed::{
@@ -539,6 +545,380 @@ fn apt_config_deb822_and_one_line() {
     let m = Mirror::from_apt_config(root.path()).expect("deb822");
     assert_eq!(m.uri, "file:///srv/main");
     assert_eq!(m.keyring, PathBuf::from("/usr/share/keyrings/x.gpg"));
+}
+
+/// A package of a multi-suite fixture.
+struct Pkg {
+    name: &'static str,
+    version: &'static str,
+    deb: Vec<u8>,
+    /// Extra control fields ("Depends: x\n").
+    extra: &'static str,
+}
+
+impl Pkg {
+    fn pool_path(&self) -> String {
+        format!("pool/main/{0}_{1}_amd64.deb", self.name, self.version)
+    }
+}
+
+/// A hello whose script says `says`: another build than `hello_deb`.
+fn hello_deb_saying(says: &str) -> Vec<u8> {
+    use tar::EntryType as T;
+    let script = format!("#!/bin/sh\necho {says}\n");
+    make_deb("hello", Comp::Xz, |b| {
+        tar_entry(b, "./usr/", T::Directory, 0o755, &[], None);
+        tar_entry(b, "./usr/bin/", T::Directory, 0o755, &[], None);
+        tar_entry(
+            b,
+            "./usr/bin/hello",
+            T::Regular,
+            0o755,
+            script.as_bytes(),
+            None,
+        );
+    })
+}
+
+fn file_uri(dir: &Path) -> String {
+    url::Url::from_directory_path(dir)
+        .expect("file url")
+        .as_str()
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// Writes (or rewrites) `suite` under the archive root `archive`: its
+/// packages in the pool, its Packages index and its InRelease, signed by
+/// `signer`, with `Valid-Until` when given.
+fn write_suite(
+    archive: &Path,
+    suite: &str,
+    pkgs: &[Pkg],
+    valid_until: Option<&str>,
+    signer: &SignedSecretKey,
+) {
+    let mut packages = String::new();
+    for p in pkgs {
+        let path = archive.join(p.pool_path());
+        std::fs::create_dir_all(path.parent().expect("pool dir")).expect("pool");
+        std::fs::write(&path, &p.deb).expect("deb");
+        packages += &format!(
+            "Package: {}\nVersion: {}\nArchitecture: amd64\n{}Filename: {}\nSize: {}\nSHA256: {}\nDescription: test\n\n",
+            p.name,
+            p.version,
+            p.extra,
+            p.pool_path(),
+            p.deb.len(),
+            sha(&p.deb)
+        );
+    }
+    let dists = archive.join("dists").join(suite);
+    let bin = dists.join("main/binary-amd64");
+    std::fs::create_dir_all(&bin).expect("dists");
+    let packages_xz = xz(packages.as_bytes());
+    std::fs::write(bin.join("Packages.xz"), &packages_xz).expect("Packages.xz");
+    let valid_until = valid_until
+        .map(|v| format!("Valid-Until: {v}\n"))
+        .unwrap_or_default();
+    let release = format!(
+        "Origin: Test\nSuite: {suite}\nCodename: {suite}\nDate: Wed, 01 Jan 2025 00:00:00 UTC\n{valid_until}Architectures: amd64\nComponents: main\nSHA256:\n {} {} main/binary-amd64/Packages.xz\n",
+        sha(&packages_xz),
+        packages_xz.len()
+    );
+    std::fs::write(dists.join("InRelease"), clearsign(signer, &release)).expect("InRelease");
+}
+
+/// Two archive roots: `main/` with suites `fixture` and `fixture-updates`,
+/// `security/` with `fixture-security`; a keyring; a profile reading the
+/// three; a cache.
+struct Suites {
+    dir: tempfile::TempDir,
+    signer: SignedSecretKey,
+}
+
+const FUTURE: &str = "Fri, 01 Jan 2100 00:00:00 UTC";
+const PAST: &str = "Sat, 01 Feb 2020 00:00:00 UTC";
+
+impl Suites {
+    fn new() -> Suites {
+        let s = Suites {
+            dir: tempfile::tempdir().expect("tempdir"),
+            signer: key(1, "Archive <archive@example.invalid>"),
+        };
+        write_keyring(&s.keyring(), &[&s.signer]);
+        std::fs::write(
+            s.profile(),
+            "apiVersion: v1alpha1\nkind: ImageProfile\nname: fixture\n\
+             source:\n  suites: [fixture, fixture-updates, fixture-security]\n\
+             packages: [hello]\npaths:\n  include: [usr/bin/*]\n\
+             kernel:\n  package: hello\n  cmdline: quiet\noutputs: [initramfs]\n",
+        )
+        .expect("profile");
+        s.release(vec![]);
+        s.updates(vec![], Some(FUTURE));
+        s.security(vec![], Some(FUTURE));
+        s
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    fn keyring(&self) -> PathBuf {
+        self.path("keyring.gpg")
+    }
+    fn profile(&self) -> PathBuf {
+        self.path("fixture.yaml")
+    }
+    fn main_uri(&self) -> String {
+        file_uri(&self.path("main"))
+    }
+    fn security_uri(&self) -> String {
+        file_uri(&self.path("security"))
+    }
+    /// The release suite: hello 1.0-1 (depending on libgreet) and
+    /// libgreet, plus `more`.
+    fn release(&self, more: Vec<Pkg>) {
+        let mut pkgs = vec![
+            Pkg {
+                name: "hello",
+                version: "1.0-1",
+                deb: hello_deb(),
+                extra: "Depends: libgreet\n",
+            },
+            Pkg {
+                name: "libgreet",
+                version: "1.0-1",
+                deb: libgreet_deb(),
+                extra: "",
+            },
+        ];
+        pkgs.extend(more);
+        write_suite(&self.path("main"), "fixture", &pkgs, None, &self.signer);
+    }
+    fn updates(&self, pkgs: Vec<Pkg>, valid_until: Option<&str>) {
+        write_suite(
+            &self.path("main"),
+            "fixture-updates",
+            &pkgs,
+            valid_until,
+            &self.signer,
+        );
+    }
+    fn security(&self, pkgs: Vec<Pkg>, valid_until: Option<&str>) {
+        write_suite(
+            &self.path("security"),
+            "fixture-security",
+            &pkgs,
+            valid_until,
+            &self.signer,
+        );
+    }
+    /// The overrides the tests pass: `--mirror` for the main archive,
+    /// `--mirror-for` for the security one.
+    fn overrides(&self) -> MirrorOverrides {
+        MirrorOverrides::new(
+            Some(&self.main_uri()),
+            &[format!("fixture-security={}", self.security_uri())],
+            Some(self.keyring()),
+        )
+        .expect("overrides")
+    }
+    /// Runs the imager binary with the fixture's mirrors, keyring and
+    /// cache (none of the caller's environment): exit code, stdout, stderr.
+    fn imager(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_imager"))
+            .args(args)
+            .arg(self.profile())
+            .args(["--mirror", &self.main_uri()])
+            .arg(format!(
+                "--mirror-for=fixture-security={}",
+                self.security_uri()
+            ))
+            .env_remove("IMAGER_MIRROR")
+            .env_remove("IMAGER_MIRROR_FOR")
+            .env("IMAGER_KEYRING", self.keyring())
+            .env("IMAGER_CACHE", self.path("cache"))
+            .output()
+            .expect("run imager");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    fn lock(&self) -> Lock {
+        let (p, _) = Profile::load(&self.profile()).expect("profile");
+        Lock::load(
+            &Lock::path_for(&self.profile()),
+            &self.profile(),
+            &p.inputs_hash(),
+        )
+        .expect("lock")
+    }
+}
+
+fn security_hello() -> Pkg {
+    Pkg {
+        name: "hello",
+        version: "1.0-1+sec1",
+        deb: hello_deb_saying("patched"),
+        extra: "Depends: libgreet\n",
+    }
+}
+
+#[test]
+fn lock_takes_the_highest_version_over_suites_and_the_build_fetches_it_from_its_archive() {
+    let s = Suites::new();
+    s.security(vec![security_hello()], Some(FUTURE));
+    let (code, out, err) = s.imager(&["-q", "lock"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lock = s.lock();
+    assert_eq!(
+        lock.suite_names(),
+        ["fixture", "fixture-updates", "fixture-security"]
+    );
+    assert_eq!(lock.suite, "fixture");
+    let got: Vec<(&str, &str, &str)> = lock
+        .packages
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str(), lock.suite_of(p)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("hello", "1.0-1+sec1", "fixture-security"),
+            ("libgreet", "1.0-1", "fixture"),
+        ]
+    );
+    let inrelease = |root: &str, suite: &str| {
+        sha(&std::fs::read(s.path(root).join("dists").join(suite).join("InRelease")).expect("read"))
+    };
+    assert_eq!(
+        lock.suites[2].sha256,
+        inrelease("security", "fixture-security")
+    );
+    assert_eq!(lock.release_sha256, inrelease("main", "fixture"));
+
+    // The build's fetch: each .deb from its suite's archive root, with no
+    // apt configuration to fall back on.
+    let no_apt = tempfile::tempdir().expect("tempdir");
+    let archives =
+        Archives::new(&lock.suite_names(), &s.overrides(), no_apt.path()).expect("archives");
+    let cache = Cache::new(s.path("build-cache"));
+    let debs = fetch_locked(&lock, &archives, &cache, 2).expect("fetch from both archives");
+    assert_eq!(
+        std::fs::read(&debs[0]).expect("deb"),
+        hello_deb_saying("patched")
+    );
+    assert_eq!(std::fs::read(&debs[1]).expect("deb"), libgreet_deb());
+
+    // The security pool path is not in the main archive: fetching every
+    // suite from there fails, naming the file.
+    let wrong = MirrorOverrides::new(
+        Some(&s.main_uri()),
+        &[format!("fixture-security={}", s.main_uri())],
+        Some(s.keyring()),
+    )
+    .expect("overrides");
+    let archives = Archives::new(&lock.suite_names(), &wrong, no_apt.path()).expect("archives");
+    let e = fetch_locked(&lock, &archives, &Cache::new(s.path("c2")), 2)
+        .expect_err("wrong archive")
+        .to_string();
+    assert!(e.contains("hello_1.0-1+sec1_amd64.deb"), "{e}");
+}
+
+#[test]
+fn a_stale_valid_until_is_refused() {
+    let s = Suites::new();
+    s.security(vec![security_hello()], Some(PAST));
+    let m = Mirror {
+        uri: s.security_uri(),
+        keyring: s.keyring(),
+    };
+    let e = fetch_release(&m, "fixture-security").expect_err("expired index");
+    assert!(matches!(e, SourceError::Expired { .. }), "{e:?}");
+
+    let (code, out, err) = s.imager(&["lock"]);
+    assert_ne!(code, 0, "{out}{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
+    for want in [
+        "fixture-security",
+        PAST,
+        "stale or replayed",
+        "--mirror-for",
+    ] {
+        assert!(line.contains(want), "{want:?} missing from {err}");
+    }
+    assert!(!Lock::path_for(&s.profile()).exists(), "nothing written");
+
+    // A valid signature does not save it; a fresh Valid-Until does.
+    s.security(vec![security_hello()], Some(FUTURE));
+    let (code, out, err) = s.imager(&["-q", "lock"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Once stale again, `lock --check` cannot check: exit 2.
+    s.updates(vec![], Some(PAST));
+    let (code, _, err) = s.imager(&["-q", "lock", "--check"]);
+    assert_eq!(code, i32::from(CHECK_FAILED), "{err}");
+    assert!(
+        err.contains("fixture-updates") && err.contains(PAST),
+        "{err}"
+    );
+}
+
+#[test]
+fn lock_check_reports_newer_builds_with_distinct_exit_codes() {
+    let s = Suites::new();
+    let (code, out, err) = s.imager(&["-q", "lock"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lock_text = std::fs::read(Lock::path_for(&s.profile())).expect("lock");
+
+    let (code, out, err) = s.imager(&["-q", "lock", "--check"]);
+    assert_eq!(code, i32::from(CHECK_CURRENT), "{out}{err}");
+    assert!(
+        out.starts_with("all 2 locked packages are the newest"),
+        "{out}"
+    );
+
+    // A point update of libgreet: exit 1, one line for it.
+    s.updates(
+        vec![Pkg {
+            name: "libgreet",
+            version: "1.0-2",
+            deb: libgreet_deb(),
+            extra: "",
+        }],
+        Some(FUTURE),
+    );
+    let (code, out, err) = s.imager(&["-q", "lock", "--check"]);
+    assert_eq!(code, i32::from(CHECK_NEWER), "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0], "libgreet 1.0-1 (fixture) -> 1.0-2 (fixture-updates)",
+        "{out}"
+    );
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line per change, then the summary: {out}"
+    );
+
+    // And a security update of hello: exit 3.
+    s.security(vec![security_hello()], Some(FUTURE));
+    let (code, out, err) = s.imager(&["-q", "lock", "--check"]);
+    assert_eq!(code, i32::from(CHECK_SECURITY), "{out}{err}");
+    assert!(
+        out.contains("hello 1.0-1 (fixture) -> 1.0-1+sec1 (fixture-security), security update"),
+        "{out}"
+    );
+    assert!(out.contains("2 of 2 locked packages changed"), "{out}");
+    assert_eq!(
+        std::fs::read(Lock::path_for(&s.profile())).expect("lock"),
+        lock_text,
+        "--check writes nothing"
+    );
 }
 
 /// Opt-in (it reaches the host's real mirror): reported as ignored, not

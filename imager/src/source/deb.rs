@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use tar::EntryType;
 
-use super::{fetch, join_uri, verify_bytes, Cache, Mirror, PackageRecord, SourceError};
+use super::{fetch, join_uri, verify_bytes, Archives, Cache, Mirror, PackageRecord, SourceError};
 use crate::tree::{normalize, Entry, Tree};
 
 /// Returns the cached .deb of `rec`, downloading and verifying it first
@@ -53,6 +53,27 @@ pub fn fetch_debs(
     cache: &Cache,
     jobs: usize,
 ) -> Result<Vec<PathBuf>, SourceError> {
+    fetch_all(|_| Ok(m), recs, cache, jobs)
+}
+
+/// [`fetch_debs`] with each record fetched from the archive of its suite
+/// (a pool path is relative to its own archive's root: a security update
+/// is not in the main archive).
+pub fn fetch_debs_from(
+    archives: &Archives,
+    recs: &[PackageRecord],
+    cache: &Cache,
+    jobs: usize,
+) -> Result<Vec<PathBuf>, SourceError> {
+    fetch_all(|r| archives.get(&r.suite), recs, cache, jobs)
+}
+
+fn fetch_all<'m>(
+    mirror_of: impl Fn(&PackageRecord) -> Result<&'m Mirror, SourceError> + Sync,
+    recs: &[PackageRecord],
+    cache: &Cache,
+    jobs: usize,
+) -> Result<Vec<PathBuf>, SourceError> {
     let jobs = jobs.clamp(1, recs.len().max(1));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<PathBuf, SourceError>>>> =
@@ -62,7 +83,7 @@ pub fn fetch_debs(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(rec) = recs.get(i) else { break };
-                let r = fetch_deb(m, rec, cache);
+                let r = mirror_of(rec).and_then(|m| fetch_deb(m, rec, cache));
                 let failed = r.is_err();
                 if let Ok(mut v) = results.lock() {
                     v[i] = Some(r);
@@ -87,7 +108,9 @@ pub fn fetch_debs(
             Some(Err(e)) => return Err(e),
             None => {
                 return Err(SourceError::Fetch {
-                    url: join_uri(&m.uri, &rec.filename),
+                    url: mirror_of(rec)
+                        .map(|m| join_uri(&m.uri, &rec.filename))
+                        .unwrap_or_else(|_| rec.filename.clone()),
                     reason: "not attempted after another download failed".to_owned(),
                 })
             }

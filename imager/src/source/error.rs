@@ -13,7 +13,7 @@ pub enum SourceError {
     Config(String),
 
     /// A download failed (network, HTTP status, missing file).
-    #[error("cannot fetch {url}: {reason}; check the mirror (IMAGER_MIRROR) and the network")]
+    #[error("cannot fetch {url}: {reason}; check the mirror (--mirror, --mirror-for, the host's apt sources) and the network")]
     Fetch { url: String, reason: String },
 
     /// The keyring file cannot be read or holds no usable key.
@@ -38,6 +38,15 @@ pub enum SourceError {
         suite: String,
         uri: String,
         reason: String,
+    },
+
+    /// The signed Release's `Valid-Until` has passed: the mirror is stale,
+    /// or replays an old, validly signed index to hide newer packages.
+    #[error("InRelease of {suite} at {uri} expired on {valid_until} (its Valid-Until): the mirror serves a stale or replayed index, which can hide security updates; refusing it. Try again later, or fetch {suite} from an up-to-date mirror (--mirror-for {suite}=URI)")]
+    Expired {
+        suite: String,
+        uri: String,
+        valid_until: String,
     },
 
     /// The Release file lists no index for this component and architecture.

@@ -23,6 +23,9 @@ pub struct PackageRecord {
     pub provides: Vec<String>,
     /// Source package name (the package's own name when not given).
     pub source: String,
+    /// The suite whose index lists it (empty when parsed on its own): with
+    /// several suites, it says which archive serves `filename`.
+    pub suite: String,
 }
 
 /// The package name of one relation ("libc6:any (>= 2.36) [amd64] <!nocheck>").
@@ -95,6 +98,7 @@ pub fn parse_packages(text: &str, origin: &str) -> Result<Vec<PackageRecord>, So
                 .filter(|s| !s.is_empty())
                 .unwrap_or(name)
                 .to_owned(),
+            suite: String::new(),
         });
     }
     Ok(out)
@@ -102,7 +106,8 @@ pub fn parse_packages(text: &str, origin: &str) -> Result<Vec<PackageRecord>, So
 
 /// Fetches `dists/{suite}/{component}/binary-{arch}/Packages.xz` (or .gz,
 /// or uncompressed, whichever the Release lists first), verified by the
-/// hash and size in the Release and cached by hash, and parses it.
+/// hash and size in the Release and cached by hash, and parses it; each
+/// record names the Release's suite.
 pub fn fetch_index(
     m: &Mirror,
     r: &Release,
@@ -160,7 +165,11 @@ pub fn fetch_index(
         raw = data;
     }
     let text = String::from_utf8(raw).map_err(|_| index_err("not UTF-8 text".to_owned()))?;
-    parse_packages(&text, &url)
+    let mut recs = parse_packages(&text, &url)?;
+    for rec in &mut recs {
+        rec.suite.clone_from(&r.suite);
+    }
+    Ok(recs)
 }
 
 #[cfg(test)]

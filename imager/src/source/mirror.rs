@@ -18,11 +18,13 @@ pub struct Mirror {
     pub keyring: PathBuf,
 }
 
-/// One usable entry of apt's configuration.
+/// One usable `deb` entry of apt's configuration: its first http(s) or
+/// file URI, its suites and its `Signed-By`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct AptSource {
-    uri: String,
-    signed_by: Option<String>,
+pub(super) struct AptSource {
+    pub(super) uri: String,
+    pub(super) suites: Vec<String>,
+    pub(super) signed_by: Option<String>,
 }
 
 fn usable_uri(uri: &str) -> bool {
@@ -31,72 +33,122 @@ fn usable_uri(uri: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Suites that only complement a main suite.
+/// Checks a URI given on the command line or in the environment.
+pub(super) fn check_uri(uri: &str, what: &str) -> Result<String, SourceError> {
+    let uri = uri.trim();
+    if usable_uri(uri) {
+        return Ok(uri.to_owned());
+    }
+    Err(SourceError::Config(format!(
+        "{what}={uri:?} is not an http://, https:// or file:// URI of a Debian archive"
+    )))
+}
+
+/// What a suite adds to its release: the part after the codename
+/// (`-security`, `-updates`, `-backports`, ...), empty for a main suite.
+/// The old security layout `CODENAME/updates` is `-security`.
+pub fn suite_kind(suite: &str) -> &str {
+    if suite.ends_with("/updates") {
+        return "-security";
+    }
+    suite.find('-').map_or("", |i| &suite[i..])
+}
+
+/// Whether `suite` carries security updates (`trixie-security`).
+pub fn is_security_suite(suite: &str) -> bool {
+    suite_kind(suite) == "-security"
+}
+
+/// Suites that do not only complement a main suite.
 fn is_main_suite(suite: &str) -> bool {
-    !["-security", "-updates", "-backports"]
-        .iter()
-        .any(|s| suite.ends_with(s))
-        && !suite.ends_with("/updates")
+    suite_kind(suite).is_empty()
+}
+
+impl AptSource {
+    fn has_main_suite(&self) -> bool {
+        self.suites.iter().any(|s| is_main_suite(s))
+    }
+}
+
+fn deb822_sources(text: &str) -> Vec<AptSource> {
+    paragraphs(text)
+        .into_iter()
+        .filter_map(|p| {
+            if p.get("Enabled")
+                .is_some_and(|v| v.eq_ignore_ascii_case("no"))
+            {
+                return None;
+            }
+            if !p.get("Types")?.split_whitespace().any(|t| t == "deb") {
+                return None;
+            }
+            let suites: Vec<String> = p
+                .get("Suites")?
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            let uri = p.get("URIs")?.split_whitespace().find(|u| usable_uri(u))?;
+            Some(AptSource {
+                uri: uri.to_owned(),
+                suites,
+                signed_by: p.get("Signed-By").map(str::to_owned),
+            })
+        })
+        .collect()
 }
 
 fn deb822_source(text: &str) -> Option<AptSource> {
-    paragraphs(text).into_iter().find_map(|p| {
-        if p.get("Enabled")
-            .is_some_and(|v| v.eq_ignore_ascii_case("no"))
-        {
-            return None;
+    deb822_sources(text)
+        .into_iter()
+        .find(AptSource::has_main_suite)
+}
+
+fn one_line_entry(line: &str) -> Option<AptSource> {
+    let line = line.split('#').next().unwrap_or("").trim();
+    let mut toks = line.split_whitespace();
+    if toks.next()? != "deb" {
+        return None;
+    }
+    let mut signed_by = None;
+    let mut next = toks.next()?;
+    if let Some(first) = next.strip_prefix('[') {
+        let mut opts = vec![first.to_owned()];
+        let mut tok = first;
+        while !tok.ends_with(']') {
+            tok = toks.next()?;
+            opts.push(tok.to_owned());
         }
-        if !p.get("Types")?.split_whitespace().any(|t| t == "deb") {
-            return None;
+        for opt in opts.join(" ").trim_end_matches(']').split_whitespace() {
+            if let Some((k, v)) = opt.split_once('=') {
+                if k.trim_end_matches(['+', '-']) == "signed-by" {
+                    signed_by = Some(v.to_owned());
+                }
+            }
         }
-        if !p.get("Suites")?.split_whitespace().any(is_main_suite) {
-            return None;
-        }
-        let uri = p.get("URIs")?.split_whitespace().find(|u| usable_uri(u))?;
-        Some(AptSource {
-            uri: uri.to_owned(),
-            signed_by: p.get("Signed-By").map(str::to_owned),
-        })
+        next = toks.next()?;
+    }
+    let uri = next;
+    let suite = toks.next()?;
+    usable_uri(uri).then(|| AptSource {
+        uri: uri.to_owned(),
+        suites: vec![suite.to_owned()],
+        signed_by,
     })
 }
 
+fn one_line_sources(text: &str) -> Vec<AptSource> {
+    text.lines().filter_map(one_line_entry).collect()
+}
+
 fn one_line_source(text: &str) -> Option<AptSource> {
-    text.lines().find_map(|line| {
-        let line = line.split('#').next().unwrap_or("").trim();
-        let mut toks = line.split_whitespace();
-        if toks.next()? != "deb" {
-            return None;
-        }
-        let mut signed_by = None;
-        let mut next = toks.next()?;
-        if let Some(first) = next.strip_prefix('[') {
-            let mut opts = vec![first.to_owned()];
-            let mut tok = first;
-            while !tok.ends_with(']') {
-                tok = toks.next()?;
-                opts.push(tok.to_owned());
-            }
-            for opt in opts.join(" ").trim_end_matches(']').split_whitespace() {
-                if let Some((k, v)) = opt.split_once('=') {
-                    if k.trim_end_matches(['+', '-']) == "signed-by" {
-                        signed_by = Some(v.to_owned());
-                    }
-                }
-            }
-            next = toks.next()?;
-        }
-        let uri = next;
-        let suite = toks.next()?;
-        (usable_uri(uri) && is_main_suite(suite)).then(|| AptSource {
-            uri: uri.to_owned(),
-            signed_by,
-        })
-    })
+    one_line_sources(text)
+        .into_iter()
+        .find(AptSource::has_main_suite)
 }
 
 /// The keyring that a `Signed-By` value names: its first absolute path
 /// (fingerprint-only values fall back to the default keyring).
-fn keyring_of(signed_by: Option<&str>, origin: &Path) -> Result<PathBuf, SourceError> {
+pub(super) fn keyring_of(signed_by: Option<&str>, origin: &Path) -> Result<PathBuf, SourceError> {
     let Some(v) = signed_by else {
         return Ok(PathBuf::from(DEFAULT_KEYRING));
     };
@@ -124,24 +176,49 @@ fn sorted_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
     v
 }
 
-/// The first usable source in apt's configuration under `root`, and the
-/// file that holds it.
-fn apt_source(root: &Path) -> Option<(AptSource, PathBuf)> {
+/// Every usable `deb` entry of apt's configuration under `root`, with the
+/// file that holds it, in the order they are searched:
+/// `sources.list.d/*.sources`, then `sources.list`, then
+/// `sources.list.d/*.list`.
+pub(super) fn apt_sources(root: &Path) -> Vec<(AptSource, PathBuf)> {
     let apt = root.join("etc/apt");
-    let read = |p: &Path| std::fs::read_to_string(p).ok();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let mut out = Vec::new();
     for f in sorted_files(&apt.join("sources.list.d"), "sources") {
-        if let Some(s) = read(&f).as_deref().and_then(deb822_source) {
-            return Some((s, f));
-        }
+        out.extend(
+            deb822_sources(&read(&f))
+                .into_iter()
+                .map(|s| (s, f.clone())),
+        );
     }
     let mut one_line = vec![apt.join("sources.list")];
     one_line.extend(sorted_files(&apt.join("sources.list.d"), "list"));
     for f in one_line {
-        if let Some(s) = read(&f).as_deref().and_then(one_line_source) {
-            return Some((s, f));
-        }
+        out.extend(
+            one_line_sources(&read(&f))
+                .into_iter()
+                .map(|s| (s, f.clone())),
+        );
     }
-    None
+    out
+}
+
+/// The first source of a main suite in apt's configuration under `root`,
+/// and the file that holds it.
+fn apt_source(root: &Path) -> Option<(AptSource, PathBuf)> {
+    apt_sources(root)
+        .into_iter()
+        .find(|(s, _)| s.has_main_suite())
+}
+
+/// The error when apt's configuration under `root` names no main suite.
+pub(super) fn no_main_mirror(root: &Path) -> SourceError {
+    SourceError::Config(format!(
+        "no Debian mirror found in {0}/etc/apt/sources.list.d/*.sources or {0}/etc/apt/sources.list \
+         (a `deb` source of a main suite over http, https or file): set IMAGER_MIRROR to the archive's URI \
+         and IMAGER_KEYRING to its keyring",
+        root.display().to_string().trim_end_matches('/')
+    ))
 }
 
 impl Mirror {
@@ -162,24 +239,14 @@ impl Mirror {
     ) -> Result<Mirror, SourceError> {
         let keyring = keyring.map(PathBuf::from);
         if let Some(uri) = mirror {
-            let uri = uri.trim().to_owned();
-            if !usable_uri(&uri) {
-                return Err(SourceError::Config(format!(
-                    "IMAGER_MIRROR={uri:?} is not an http://, https:// or file:// URI of a Debian archive"
-                )));
-            }
+            let uri = check_uri(&uri, "IMAGER_MIRROR")?;
             return Ok(Mirror {
                 uri,
                 keyring: keyring.unwrap_or_else(|| PathBuf::from(DEFAULT_KEYRING)),
             });
         }
         let Some((src, file)) = apt_source(root) else {
-            return Err(SourceError::Config(format!(
-                "no Debian mirror found in {0}/etc/apt/sources.list.d/*.sources or {0}/etc/apt/sources.list \
-                 (a `deb` source of a main suite over http, https or file): set IMAGER_MIRROR to the archive's URI \
-                 and IMAGER_KEYRING to its keyring",
-                root.display().to_string().trim_end_matches('/')
-            )));
+            return Err(no_main_mirror(root));
         };
         let keyring = match keyring {
             Some(k) => k,

@@ -1,7 +1,9 @@
-//! Verified Debian package inputs: the mirror from the host's apt
-//! configuration, the signed `InRelease`, the `Packages` index checked
-//! against it, dependency closure, `.deb` downloads checked against the
-//! index, and unpacking a `.deb` into the image [`Tree`](crate::tree::Tree).
+//! Verified Debian package inputs: the archive of each suite from the
+//! host's apt configuration, the signed `InRelease` (refused past its
+//! `Valid-Until`), the `Packages` index checked against it, dependency
+//! closure over the union of the suites (highest version wins), `.deb`
+//! downloads checked against the index, and unpacking a `.deb` into the
+//! image [`Tree`](crate::tree::Tree).
 //!
 //! Everything is done in Rust: no dpkg, apt or gpg is run. The chain of
 //! trust is the one apt uses: a keyring on the host verifies `InRelease`,
@@ -9,6 +11,7 @@
 //! `.deb`. Nothing enters the content-addressed [`Cache`] before its hash
 //! matched.
 
+mod archives;
 mod cache;
 mod deb;
 mod deb822;
@@ -20,14 +23,15 @@ mod release;
 mod resolve;
 mod version;
 
+pub use archives::{Archives, MirrorOverrides};
 pub use cache::Cache;
-pub use deb::{fetch_debs, unpack_deb, unpack_deb_cached};
+pub use deb::{fetch_debs, fetch_debs_from, unpack_deb, unpack_deb_cached};
 pub use error::SourceError;
 pub use fetch::fetch;
 pub use index::{fetch_index, parse_packages, PackageRecord};
-pub use mirror::Mirror;
-pub use release::{fetch_release, parse_release, Release};
-pub use resolve::resolve;
+pub use mirror::{is_security_suite, suite_kind, Mirror};
+pub use release::{fetch_release, parse_release, rfc2822_to_epoch, Release};
+pub use resolve::{newest_by_name, resolve};
 pub use version::compare_versions;
 
 /// Joins a mirror URI and a path relative to it ("dists/trixie/InRelease").

@@ -1,4 +1,7 @@
-//! The closure of wanted packages over Depends and Pre-Depends.
+//! The closure of wanted packages over Depends and Pre-Depends, over the
+//! union of several suites' indexes: of the records of one name, the
+//! highest version (dpkg's order) wins, so a security or point update
+//! replaces the release's build.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -12,19 +15,27 @@ struct Index<'a> {
     providers: BTreeMap<&'a str, BTreeSet<&'a str>>,
 }
 
+/// Name → the record of that name with the highest version. Of records
+/// with equal versions the first wins, so with indexes concatenated in the
+/// profile's suite order a tie goes to the earlier suite.
+pub fn newest_by_name(index: &[PackageRecord]) -> BTreeMap<&str, &PackageRecord> {
+    let mut by_name: BTreeMap<&str, &PackageRecord> = BTreeMap::new();
+    for r in index {
+        by_name
+            .entry(r.name.as_str())
+            .and_modify(|cur| {
+                if compare_versions(&r.version, &cur.version) == Ordering::Greater {
+                    *cur = r;
+                }
+            })
+            .or_insert(r);
+    }
+    by_name
+}
+
 impl<'a> Index<'a> {
     fn new(index: &'a [PackageRecord]) -> Self {
-        let mut by_name: BTreeMap<&str, &PackageRecord> = BTreeMap::new();
-        for r in index {
-            by_name
-                .entry(r.name.as_str())
-                .and_modify(|cur| {
-                    if compare_versions(&r.version, &cur.version) == Ordering::Greater {
-                        *cur = r;
-                    }
-                })
-                .or_insert(r);
-        }
+        let by_name = newest_by_name(index);
         let mut providers: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for r in by_name.values() {
             for p in &r.provides {
@@ -196,7 +207,46 @@ mod tests {
             pre_depends: vec![],
             provides: provides.iter().map(|s| (*s).to_owned()).collect(),
             source: name.into(),
+            suite: "trixie".into(),
         }
+    }
+
+    fn in_suite(suite: &str, mut r: PackageRecord) -> PackageRecord {
+        r.suite = suite.into();
+        r
+    }
+
+    #[test]
+    fn highest_version_over_suites_wins_and_ties_keep_the_earlier_suite() {
+        // trixie, trixie-updates, trixie-security, concatenated in that order.
+        let idx = vec![
+            rec("runc", "1.1.15+ds1-2+b4", &[], &[]),
+            rec("kernel", "6.12.117-1", &[], &[]),
+            rec("same", "1.0-1", &[], &[]),
+            in_suite("trixie-updates", rec("kernel", "6.12.117-2~bpo", &[], &[])),
+            in_suite("trixie-updates", rec("same", "1.0-1", &[], &[])),
+            in_suite(
+                "trixie-security",
+                rec("runc", "1.1.15+ds1-2+deb13u1", &[], &[]),
+            ),
+            in_suite("trixie-security", rec("kernel", "6.12.118-1", &[], &[])),
+            in_suite("trixie-security", rec("old", "0.9-1", &[], &[])),
+            rec("old", "1:0.1-1", &[], &[]),
+        ];
+        let n = newest_by_name(&idx);
+        let got = |name: &str| (n[name].version.as_str(), n[name].suite.as_str());
+        assert_eq!(got("runc"), ("1.1.15+ds1-2+deb13u1", "trixie-security"));
+        assert_eq!(got("kernel"), ("6.12.118-1", "trixie-security"));
+        assert_eq!(got("same"), ("1.0-1", "trixie"));
+        assert_eq!(got("old"), ("1:0.1-1", "trixie"), "the epoch wins");
+        let wanted = ["runc".to_owned(), "kernel".to_owned()];
+        let r = resolve(&idx, &wanted, true, &[]).unwrap();
+        assert_eq!(
+            r.iter()
+                .map(|r| (r.name.as_str(), r.suite.as_str()))
+                .collect::<Vec<_>>(),
+            [("kernel", "trixie-security"), ("runc", "trixie-security")]
+        );
     }
 
     fn names(v: &[PackageRecord]) -> Vec<&str> {
