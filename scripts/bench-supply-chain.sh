@@ -64,3 +64,7 @@ printf '%-66s %8.2f s  (%s MiB, one core, sha256sum)\n' "hashing the whole cache
 printf '%-66s %8.2f s  (runs: %s)\n' "plain build" "$plain_m" "${plain_t[*]}"
 printf '%-66s %8.2f s  (runs: %s)\n' "imager verify --rebuild (check, rebuild, compare)" "$rebuild_m" "${rebuild_t[*]}"
 printf '%-66s %8.2fx\n' "ratio verify --rebuild / plain build" "$(echo "$rebuild_m / $plain_m" | bc -l)"
+size() { stat -c %s "$1" | awk '{printf "%.1f MiB", $1/1048576}'; }
+printf '%-66s %s\n' "SBOM (CycloneDX 1.5 JSON)" "$(size "$work/base/qemu-sbom.cdx.json"), $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); c=d["components"]; print(len(c), "components,", sum(len(x.get("components",[])) for x in c), "files")' "$work/base/qemu-sbom.cdx.json")"
+printf '%-66s %s\n' "tree listing" "$(wc -l < "$work/base/qemu-tree.txt") entries"
+printf '%-66s %s\n' "upgrade bundle" "$(size "$work/base/qemu-upgrade.tar")"

@@ -311,6 +311,13 @@ impl EtcdPreStart {
             // disk): the old member must go, or etcd would crash-loop on
             // raft state it no longer has.
             Some(m) if m.name == self.name => {
+                let locked = client.join_lock(&self.peer_url, 10).await.map_err(|e| {
+                    let e = format!("cannot take the join lock: {e}");
+                    (not_yet(&e), e)
+                })?;
+                if !locked {
+                    return Err((true, "another member is joining; waiting for it".into()));
+                }
                 client.remove_member(m.id).await.map_err(|e| {
                     let e = format!("removing this node's stale member failed: {e}");
                     (not_yet(&e), e)
@@ -327,6 +334,17 @@ impl EtcdPreStart {
             // Added by an earlier attempt that never started.
             Some(_) => members,
             None => {
+                // One joiner at a time (see `join_lock`): the lock outlives
+                // the add by a few seconds, then etcd's own check ("not
+                // enough started members") holds the next joiner until this
+                // one has started.
+                let locked = client.join_lock(&self.peer_url, 10).await.map_err(|e| {
+                    let e = format!("cannot take the join lock: {e}");
+                    (not_yet(&e), e)
+                })?;
+                if !locked {
+                    return Err((true, "another member is joining; waiting for it".into()));
+                }
                 let (_, all) = client
                     .add_member(std::slice::from_ref(&self.peer_url))
                     .await

@@ -7,6 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+/// The key joiners hold while they add themselves ([`EtcdClient::join_lock`]).
+pub const JOIN_LOCK_KEY: &str = "/machined/etcd-join-lock";
+
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdClientError {
     #[error("etcd TLS setup: {0}")]
@@ -172,6 +175,50 @@ impl EtcdClient {
             .post::<MembersBody>("/v3/cluster/member/remove", json!({ "ID": id.to_string() }))
             .await?
             .members)
+    }
+
+    /// Takes the join lock for `holder` (a peer URL) for `ttl_s` seconds:
+    /// true when this holder has it (newly, or still from an earlier call),
+    /// false when another holder does. A key with a lease, created only if
+    /// absent (one transaction), so the lock frees itself.
+    ///
+    /// Why: etcd checks a MemberAdd against the members already applied, so
+    /// two joiners that add themselves at the same moment both pass the
+    /// quorum check, and a one-member cluster ends with two unstarted
+    /// members, no quorum and joiners that never start. Joiners take this
+    /// lock around MemberAdd, so adds happen one at a time and etcd's check
+    /// sees the earlier one.
+    pub async fn join_lock(&self, holder: &str, ttl_s: u64) -> Result<bool, EtcdClientError> {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        #[derive(Deserialize)]
+        struct Grant {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let grant: Grant = self
+            .post("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() }))
+            .await?;
+        let key = b64(JOIN_LOCK_KEY);
+        let txn: serde_json::Value = self
+            .post(
+                "/v3/kv/txn",
+                json!({
+                    "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+                    "success": [{"request_put": {"key": key, "value": b64(holder), "lease": grant.id}}],
+                    "failure": [{"request_range": {"key": key}}],
+                }),
+            )
+            .await?;
+        if txn.get("succeeded").and_then(serde_json::Value::as_bool) == Some(true) {
+            return Ok(true);
+        }
+        let held_by = txn
+            .pointer("/responses/0/response_range/kvs/0/value")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        Ok(held_by.as_deref() == Some(holder))
     }
 
     pub async fn status(&self) -> Result<Status, EtcdClientError> {
