@@ -35,15 +35,13 @@ fn three_nodes_form_an_etcd_cluster_and_survive_losing_one() {
     // MemberAdd only against members already applied, so two adds at the
     // same moment used to leave two unstarted members and no quorum. The
     // joiners take turns through a lock in etcd (`join_lock`).
-    for i in 1..3 {
+    for (i, node) in nodes.iter().enumerate().skip(1) {
         let cfg = files.node_config(&format!("n{i}.yaml"), &format!("n{i}"), &join);
-        nodes[i].apply_insecure(&cfg).expect_ok();
+        node.apply_insecure(&cfg).expect_ok();
     }
-    for i in 1..3 {
-        nodes[i].wait_configured();
-        files
-            .osctl(&[ips[i]], &["health", "--wait", "120"])
-            .expect_ok();
+    for (node, ip) in nodes.iter().zip(ips).skip(1) {
+        node.wait_configured();
+        files.osctl(&[ip], &["health", "--wait", "120"]).expect_ok();
     }
 
     // Fan-out: one command, three nodes, per-node results.
