@@ -25,9 +25,21 @@ $new build -q profiles/qemu.yaml -o "$work/warm" --no-kubernetes >/dev/null
 bins=(--machined target/image/release/machined --init target/image/release/init --pause target/image/release/pause)
 
 git worktree add --detach "$work/ref" "$REF" >/dev/null
-(cd "$work/ref" && cargo build --release --locked -p imager -q)
-old="$work/ref/target/release/imager"
-$old build -q profiles/qemu.yaml -o "$work/old-warm" "${bins[@]}" --no-kubernetes >/dev/null
+# Its own target dir, kept between runs (the reference never changes).
+(cd "$work/ref" && cargo build --release --locked -p imager -q --target-dir "$OLDPWD/target/bench-ref")
+old="$PWD/target/bench-ref/release/imager"
+# Both sides build the reference's profile and lock (one suite): the old
+# imager cannot read the newer profile format.
+ref_profile="$work/ref/profiles/qemu.yaml"
+# The reference keeps its own cache: this imager removes the unpacked
+# entries of the older format (no recorded digest) that the reference
+# writes, which would make every reference run a cold one.
+cache=${IMAGER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imager}
+mkdir -p "$work/old-cache"
+cp -r "$cache/sha256" "$work/old-cache/"
+old_env=(env IMAGER_CACHE="$work/old-cache")
+"${old_env[@]}" $old build -q "$ref_profile" -o "$work/old-warm" "${bins[@]}" --no-kubernetes >/dev/null
+$new build -q "$ref_profile" -o "$work/new-warm" "${bins[@]}" --no-kubernetes >/dev/null
 
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -35,15 +47,14 @@ time_of() { local t0; t0=$(now); "$@" >/dev/null; echo "$(now) - $t0" | bc; }
 
 old_t=(); new_t=()
 for i in $(seq "$RUNS"); do
-  old_t+=("$(time_of "$old" build -q profiles/qemu.yaml -o "$work/old-$i" "${bins[@]}" --no-kubernetes)")
-  new_t+=("$(time_of "$new" build -q profiles/qemu.yaml -o "$work/new-$i" "${bins[@]}" --no-kubernetes)")
+  old_t+=("$(time_of "${old_env[@]}" "$old" build -q "$ref_profile" -o "$work/old-$i" "${bins[@]}" --no-kubernetes)")
+  new_t+=("$(time_of "$new" build -q "$ref_profile" -o "$work/new-$i" "${bins[@]}" --no-kubernetes)")
   rm -rf "$work/old-$i" "$work/new-$i"
 done
 old_m=$(printf '%s\n' "${old_t[@]}" | median)
 new_m=$(printf '%s\n' "${new_t[@]}" | median)
 
 # Cache verification alone: hashing every cached .deb and unpacked tree.
-cache=${IMAGER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imager}
 hash_t=$(time_of sh -c "cat '$cache'/sha256/* '$cache'/unpacked/*.data.tar | sha256sum")
 cache_mib=$(du -cm "$cache"/sha256 "$cache"/unpacked | tail -1 | cut -f1)
 
