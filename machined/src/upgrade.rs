@@ -42,10 +42,7 @@ pub fn target(cmdline: &str, host_mode: bool) -> Target {
             "machined runs in host mode (--root): there is no slot to install into".into(),
         );
     }
-    let Some(running) = crate::cmdline::Cmdline::parse(cmdline)
-        .get(layout::SLOT_PARAM)
-        .and_then(Slot::parse)
-    else {
+    let Some(running) = crate::bootentry::running_slot(cmdline) else {
         return Target::Nowhere(
             "this node did not boot from a disk slot (no slot= on its kernel command line): boot it from the disk image to upgrade it".into(),
         );

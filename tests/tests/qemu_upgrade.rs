@@ -118,6 +118,16 @@ fn upgrade_falls_back_from_a_broken_image_then_upgrades_and_rolls_back() {
     let certs = etcd_client_certs(&files.path("secrets.yaml"), &tmp.path().join("etcd-client"));
     let endpoint = format!("https://127.0.0.1:{etcd}");
     node_tests::etcdctl(&endpoint, &certs, &["put", "before-upgrades", "kept"]).expect_ok();
+    // The key written on v1 is still there (etcd's data survived).
+    let key_kept = || {
+        let got = node_tests::etcdctl(
+            &endpoint,
+            &certs,
+            &["get", "before-upgrades", "--print-value-only"],
+        )
+        .expect_ok();
+        assert_eq!(got.stdout.trim(), "kept");
+    };
     let line = wait_version(
         &files,
         &node,
@@ -204,13 +214,7 @@ fn upgrade_falls_back_from_a_broken_image_then_upgrades_and_rolls_back() {
     files
         .osctl(&[&node], &["health", "--wait", "180"])
         .expect_ok();
-    let got = node_tests::etcdctl(
-        &endpoint,
-        &certs,
-        &["get", "before-upgrades", "--print-value-only"],
-    )
-    .expect_ok();
-    assert_eq!(got.stdout.trim(), "kept");
+    key_kept();
     let cfg_now = files.osctl(&[&node], &["get", "config"]).expect_ok();
     assert!(cfg_now.stdout.contains("up-1"), "{}", cfg_now.text());
 
@@ -237,13 +241,7 @@ fn upgrade_falls_back_from_a_broken_image_then_upgrades_and_rolls_back() {
     let to_healthy = t0.elapsed() - transfer;
     eprintln!("after the v2 upgrade: {line}");
     assert!(line.contains("A 1.0.0 good"), "{line}");
-    let got = node_tests::etcdctl(
-        &endpoint,
-        &certs,
-        &["get", "before-upgrades", "--print-value-only"],
-    )
-    .expect_ok();
-    assert_eq!(got.stdout.trim(), "kept");
+    key_kept();
 
     // 5. Back to v1 by hand.
     let t1 = Instant::now();

@@ -41,11 +41,7 @@ fn who<T>(r: &Request<T>) -> String {
 impl MachineService for MachineApi {
     async fn version(&self, _: Request<Empty>) -> Result<Response<VersionResponse>, Status> {
         let cfg = self.0.config();
-        let running = if self.0.opts.host_mode {
-            None
-        } else {
-            crate::bootentry::running_slot(crate::cmdline::Cmdline::current().text())
-        };
+        let running = running_slot(&self.0);
         Ok(Response::new(VersionResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             node: self.0.identity_for(cfg.as_ref()).name,
@@ -328,11 +324,7 @@ impl MachineService for MachineApi {
 
     async fn rollback(&self, r: Request<Empty>) -> Result<Response<RollbackResponse>, Status> {
         let caller = who(&r);
-        let running = if self.0.opts.host_mode {
-            None
-        } else {
-            crate::bootentry::running_slot(crate::cmdline::Cmdline::current().text())
-        };
+        let running = running_slot(&self.0);
         let Some(running) = running else {
             return Err(Status::failed_precondition(
                 "this node did not boot from a disk slot: there is no other slot to roll back to",
@@ -399,6 +391,14 @@ fn upgrade_status(e: crate::upgrade::UpgradeError) -> Status {
         U::Bundle(B::Store { .. }) | U::Io(..) | U::Esp(..) => Status::internal(msg),
         U::Bundle(_) => Status::invalid_argument(msg),
     }
+}
+
+/// The slot this boot runs; None in host mode or on a diskless boot.
+fn running_slot(node: &Node) -> Option<machine_api::layout::Slot> {
+    if node.opts.host_mode {
+        return None;
+    }
+    crate::bootentry::running_slot(crate::cmdline::Cmdline::current().text())
 }
 
 /// The image's version: VERSION_ID of its os-release.
