@@ -20,13 +20,19 @@ if [ "${free_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
   echo "warning: only $((free_kib / 1024)) MiB free for target/ and temporary files; the suite needs about 8 GiB" >&2
 fi
 # Python checkers for the tests (imager/tests/sbom_validates.rs runs
-# cyclonedx-python-lib's strict CycloneDX 1.5 schema validator), in a
-# virtualenv of their own.
+# cyclonedx-python-lib's strict CycloneDX 1.5 schema validator,
+# tests/tests/metrics.rs prometheus_client's parsers), in a virtualenv of
+# their own.
 if [ ! -x target/pyenv/bin/python ]; then
   python3 -m venv target/pyenv
 fi
 if ! target/pyenv/bin/python -c 'import cyclonedx.validation.json, jsonschema' 2>/dev/null; then
   target/pyenv/bin/pip install --quiet 'cyclonedx-python-lib[json-validation]==11.12.0'
+fi
+# tests/tests/metrics.rs parses machined's metrics with the Prometheus
+# project's own parsers.
+if ! target/pyenv/bin/python -c 'import prometheus_client.parser, prometheus_client.openmetrics.parser' 2>/dev/null; then
+  target/pyenv/bin/pip install --quiet 'prometheus-client==0.23.1'
 fi
 export PYTHON_CHECKERS="$PWD/target/pyenv/bin/python"
 # Kubernetes built from the pinned Go modules, for the control-plane tests

@@ -38,6 +38,18 @@ pub struct BundleManifest {
     pub outputs: Vec<Output>,
     #[serde(default)]
     pub kernel: Option<ManifestKernel>,
+    /// The Kubernetes binaries the image carries (absent: none).
+    #[serde(default)]
+    pub kubernetes: Option<ManifestKubernetes>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ManifestKubernetes {
+    #[serde(default)]
+    pub present: bool,
+    /// The release, as `1.35.4`.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +153,10 @@ pub enum BundleError {
     },
     #[error("the bundle has no {0} file: a slot needs kernel, boot-initrd and root")]
     Missing(&'static str),
+    /// The node's own rule refused a bundle whose checks passed so far
+    /// (before any slot file was written).
+    #[error("{0}")]
+    Refused(String),
     #[error("storing {member}: {source}")]
     Store {
         member: String,
@@ -157,6 +173,18 @@ pub enum BundleError {
 pub fn read<R: Read>(
     r: R,
     trusted: &[TrustedKey],
+    store: &mut dyn FnMut(&Output, &mut dyn Read) -> std::io::Result<()>,
+) -> Result<Verified, BundleError> {
+    read_accepting(r, trusted, &|_| Ok(()), store)
+}
+
+/// [`read`], asking `accept` about the signed manifest before the first
+/// slot file is stored: a refusal (its text) stops the read with
+/// [`BundleError::Refused`] before anything is written.
+pub fn read_accepting<R: Read>(
+    r: R,
+    trusted: &[TrustedKey],
+    accept: &dyn Fn(&BundleManifest) -> Result<(), String>,
     store: &mut dyn FnMut(&Output, &mut dyn Read) -> std::io::Result<()>,
 ) -> Result<Verified, BundleError> {
     let mut archive = tar::Archive::new(r);
@@ -203,6 +231,7 @@ pub fn read<R: Read>(
         if !signature_checked {
             signed_by = check_signature(&manifest_bytes, signature.as_deref(), trusted)?;
             signature_checked = true;
+            accept(&manifest).map_err(BundleError::Refused)?;
         }
         let Some(out) = manifest
             .outputs

@@ -1,11 +1,13 @@
 //! What both ends of the wire share: the machine config document (types,
 //! validation, JSON Schema), the cluster PKI, the operator's client file,
-//! and the keys and signatures of node images;
+//! the keys and signatures of node images, and the checks of an etcd
+//! snapshot;
 //! and what every program of the workspace shares: the image layout
 //! contract, retry backoff, and the tests' skip rule.
 
 pub mod atomic;
 pub mod config;
+pub mod etcd_snapshot;
 pub mod image_bundle;
 pub mod image_signature;
 pub mod layout;

@@ -524,6 +524,21 @@ fn corpus_of_bad_documents() {
             &["machine.network.interfaces[0].mtu"],
         ),
         (
+            "etcd snapshots too often and none kept",
+            CP,
+            |d| {
+                set(
+                    d,
+                    "/cluster/etcd",
+                    json!({"snapshots": {"intervalMinutes": 1, "keep": 0}}),
+                )
+            },
+            &[
+                "cluster.etcd.snapshots.intervalMinutes",
+                "cluster.etcd.snapshots.keep",
+            ],
+        ),
+        (
             "trusted image key that is not a key",
             W,
             |d| {

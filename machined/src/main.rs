@@ -226,7 +226,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let node = Node::new(opts, supervisor.clone(), tx);
     node.boot().await?;
     spawn_state_printer(&supervisor, timeline);
+    spawn_service_events(&supervisor, node.clone());
     tokio::spawn(node.clone().renew_etcd_certificates());
+    tokio::spawn(node.clone().snapshot_etcd_on_schedule());
     tokio::spawn(machined::pod_network::run(node.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -267,6 +269,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Service state changes on the console, as they happen.
 /// Each service's first healthy state of this boot goes on the timeline.
+/// Service state changes into the node's event log (`osctl events`).
+fn spawn_service_events(supervisor: &Supervisor, node: std::sync::Arc<Node>) {
+    let mut rx = supervisor.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(s) => {
+                    let msg = if s.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", s.message)
+                    };
+                    node.events
+                        .record("service", format!("{} {}{msg}", s.name, s.state));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => node
+                    .events
+                    .record("service", format!("({n} service changes not recorded)")),
+                Err(_) => return,
+            }
+        }
+    });
+}
+
 fn spawn_state_printer(supervisor: &Supervisor, timeline: machined::timeline::Timeline) {
     let mut rx = supervisor.subscribe();
     tokio::spawn(async move {

@@ -104,16 +104,72 @@ pub fn checked(v: &Verified) -> String {
     }
 }
 
+/// `(major, minor)` of a Kubernetes version as `1.35.4`, `v1.35.4` or
+/// `Kubernetes v1.35.4` (what `kubelet --version` prints).
+fn major_minor(v: &str) -> Option<(u32, u32)> {
+    let v = v.trim();
+    let v = v.rsplit(' ').next()?.trim_start_matches('v');
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Kubernetes' upgrade rule, which kubeadm enforces too: the control plane
+/// and kubelets move one minor version at a time, and a minor version is
+/// never downgraded (etcd's stored objects may already use the newer
+/// version's schema). Either side unknown: no Kubernetes to protect.
+pub fn kubernetes_skew(running: Option<&str>, new: Option<&str>) -> Result<(), String> {
+    let (Some(running), Some(new)) = (running, new) else {
+        return Ok(());
+    };
+    let (Some((rmaj, rmin)), Some((nmaj, nmin))) = (major_minor(running), major_minor(new)) else {
+        return Ok(());
+    };
+    if rmaj != nmaj {
+        return Err(format!(
+            "Kubernetes skew check failed: the node runs {rmaj}.{rmin}, the image carries {nmaj}.{nmin}: another major version"
+        ));
+    }
+    if nmin < rmin {
+        return Err(format!(
+            "Kubernetes skew check failed: the image carries Kubernetes {nmaj}.{nmin}, older than the {rmaj}.{rmin} the node runs: minor versions are never downgraded (`osctl rollback` returns to the slot that ran it)"
+        ));
+    }
+    if nmin > rmin + 1 {
+        return Err(format!(
+            "Kubernetes skew check failed: the image carries Kubernetes {nmaj}.{nmin}, the node runs {rmaj}.{rmin}: upgrade through {rmaj}.{} first (one minor version at a time)",
+            rmin + 1
+        ));
+    }
+    Ok(())
+}
+
+/// The Kubernetes version of the node's own kubelet (`kubelet --version`),
+/// when it has one.
+pub fn running_kubernetes(kubelet: Option<&Path>) -> Option<String> {
+    let out = crate::roles::images::run_bounded(
+        std::process::Command::new(kubelet?).arg("--version"),
+        std::time::Duration::from_secs(20),
+    )
+    .ok()?;
+    major_minor(&out).map(|_| out.trim().to_owned())
+}
+
 /// Reads a bundle from `r` and installs it into `target`. Blocking: run
-/// it on a blocking thread.
+/// it on a blocking thread. `running_kubernetes` is the node's Kubernetes
+/// version, for [`kubernetes_skew`].
 pub fn install(
     r: impl Read,
     trusted: &[TrustedKey],
     target: &Target,
+    running_kubernetes: Option<&str>,
 ) -> Result<Installed, UpgradeError> {
+    let accept = |m: &image_bundle::BundleManifest| {
+        let new = m.kubernetes.as_ref().and_then(|k| k.version.as_deref());
+        kubernetes_skew(running_kubernetes, new)
+    };
     match target {
         Target::Nowhere(why) => {
-            let v = image_bundle::read(r, trusted, &mut |_, data| {
+            let v = image_bundle::read_accepting(r, trusted, &accept, &mut |_, data| {
                 std::io::copy(data, &mut std::io::sink()).map(drop)
             })?;
             Err(UpgradeError::NoTarget {
@@ -126,7 +182,9 @@ pub fn install(
             into,
             partition,
         } => crate::bootentry::with_esp(|esp| {
-            Ok(install_disk(r, trusted, *running, *into, partition, esp))
+            Ok(install_disk(
+                r, trusted, &accept, *running, *into, partition, esp,
+            ))
         })?,
     }
 }
@@ -140,6 +198,7 @@ fn device_size(p: &Path) -> std::io::Result<u64> {
 fn install_disk(
     r: impl Read,
     trusted: &[TrustedKey],
+    accept: &dyn Fn(&image_bundle::BundleManifest) -> Result<(), String>,
     running: Slot,
     into: Slot,
     partition: &Path,
@@ -179,7 +238,7 @@ fn install_disk(
             ))),
         }
     };
-    let verified = image_bundle::read(r, trusted, &mut store)?;
+    let verified = image_bundle::read_accepting(r, trusted, accept, &mut store)?;
     // Every check passed: the files take their names, then the entry.
     for name in [layout::KERNEL_FILE, layout::INITRD_FILE] {
         let to = slot_dir.join(name);
@@ -282,5 +341,31 @@ impl Read for ChunkReader {
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubernetes_moves_one_minor_at_a_time_and_never_down() {
+        assert_eq!(
+            kubernetes_skew(Some("Kubernetes v1.35.4"), Some("1.35.5")),
+            Ok(())
+        );
+        assert_eq!(
+            kubernetes_skew(Some("Kubernetes v1.35.4"), Some("1.36.0")),
+            Ok(())
+        );
+        let skip = kubernetes_skew(Some("Kubernetes v1.35.4"), Some("1.37.1")).unwrap_err();
+        assert!(skip.contains("upgrade through 1.36 first"), "{skip}");
+        let down = kubernetes_skew(Some("v1.36.0"), Some("1.35.9")).unwrap_err();
+        assert!(down.contains("never downgraded"), "{down}");
+        assert!(kubernetes_skew(Some("v1.35.0"), Some("2.0.0")).is_err());
+        // No Kubernetes on either side: nothing to check.
+        assert_eq!(kubernetes_skew(None, Some("1.37.0")), Ok(()));
+        assert_eq!(kubernetes_skew(Some("v1.35.0"), None), Ok(()));
+        assert_eq!(major_minor("Kubernetes v1.35.4"), Some((1, 35)));
     }
 }

@@ -364,9 +364,10 @@ async fn dependents_wait_for_healthy_dependencies_and_stop_first() {
     let names: Vec<String> = sup.list().await.into_iter().map(|s| s.name).collect();
     assert_eq!(names, ["a", "b"]);
 
-    // a turns unhealthy: it is reported, its dependent is left running.
+    // a turns unhealthy (three failed checks in a row, a second apart):
+    // it is reported, its dependent is left running.
     fs::remove_file(&ready).unwrap();
-    let a = status_where(&sup, "a", 3, |s| s.state == ServiceState::Running).await;
+    let a = status_where(&sup, "a", 10, |s| s.state == ServiceState::Running).await;
     assert!(a.message.contains("does not exist"), "{}", a.message);
     assert_eq!(sup.status("b").await.unwrap().state, ServiceState::Healthy);
 

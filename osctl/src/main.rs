@@ -47,6 +47,11 @@ enum Command {
     Service(cmd::services::Service),
     /// A service's output.
     Logs(cmd::logs::Logs),
+    /// The node's kernel log; `-f` follows it.
+    Dmesg(cmd::dmesg::Dmesg),
+    /// What machined did: config applied, service state changes, resets,
+    /// upgrades, renewals; `-f` follows.
+    Events(cmd::events::Events),
     /// This boot's timeline: guest uptime at each phase (init, disks,
     /// network, config, each service healthy).
     #[command(alias = "analyze")]
@@ -64,7 +69,8 @@ enum Command {
     Reboot(cmd::power::Power),
     /// Shut nodes down (services stop in reverse dependency order first).
     Shutdown(cmd::power::Power),
-    /// Wipe config and data; nodes return to maintenance mode.
+    /// Wipe config and data (back to maintenance mode), or only /var data
+    /// (`--wipe ephemeral`: the config stays).
     Reset(cmd::power::Reset),
     /// Install an upgrade bundle into the other slot and reboot into it.
     Upgrade(cmd::upgrade::Upgrade),
@@ -106,6 +112,8 @@ async fn run_node_verb(c: Command) -> anyhow::Result<ExitCode> {
         Command::Services(s) => s.run().await,
         Command::Service(s) => s.run().await,
         Command::Logs(l) => l.run().await,
+        Command::Dmesg(d) => d.run().await,
+        Command::Events(e) => e.run().await,
         Command::Health(h) => h.run().await,
         Command::Boot(b) => b.run().await,
         Command::Bootstrap(b) => b.run().await,

@@ -30,9 +30,10 @@ use machine_api::proto::machine_service_client::MachineServiceClient;
 use machine_api::proto::service_service_client::ServiceServiceClient;
 use machine_api::proto::trust_service_client::TrustServiceClient;
 use machine_api::proto::{
-    ApplyConfigurationRequest, ApplyMode, Empty, EtcdAddMemberRequest, EtcdRemoveMemberRequest,
-    LogsRequest, ResetRequest, ServiceRequest, SignKubernetesCertificateRequest,
-    SignServerCertificateRequest, UpgradeRequest,
+    ApplyConfigurationRequest, ApplyMode, DmesgRequest, Empty, EtcdAddMemberRequest,
+    EtcdAlarmsRequest, EtcdRecoverRequest, EtcdRemoveMemberRequest, EventsRequest, LogsRequest,
+    ResetRequest, ServiceRequest, SignKubernetesCertificateRequest, SignServerCertificateRequest,
+    UpgradeRequest,
 };
 use node_tests::{alive, bootstrapped_node, osctl, require};
 use prost::Message;
@@ -145,6 +146,9 @@ const TABLE: &[Row] = &[
         Admin,
         Then::Code(Code::FailedPrecondition),
     ),
+    // The kernel log's last record.
+    row("/machine.v1alpha1.MachineService/Dmesg", Reader, Then::Ok),
+    row("/machine.v1alpha1.MachineService/Events", Reader, Then::Ok),
     row("/machine.v1alpha1.ServiceService/List", Reader, Then::Ok),
     // Start, Stop, Restart: a service the node does not have.
     row(
@@ -183,6 +187,27 @@ const TABLE: &[Row] = &[
         "/machine.v1alpha1.EtcdService/RemoveMember",
         Admin,
         Then::Code(Code::NotFound),
+    ),
+    // The whole keyspace.
+    row("/machine.v1alpha1.EtcdService/Snapshot", Admin, Then::Ok),
+    // Bootstrapped already: refused before the upload is read.
+    row(
+        "/machine.v1alpha1.EtcdService/Recover",
+        Admin,
+        Then::Code(Code::FailedPrecondition),
+    ),
+    row(
+        "/machine.v1alpha1.EtcdService/Defragment",
+        Operator,
+        Then::Ok,
+    ),
+    // Listing only.
+    row("/machine.v1alpha1.EtcdService/Alarms", Operator, Then::Ok),
+    // The only member leads, and there is no one to hand it to.
+    row(
+        "/machine.v1alpha1.EtcdService/ForfeitLeadership",
+        Operator,
+        Then::Code(Code::FailedPrecondition),
     ),
     // Served on the trust port (50001) only; the API port's table does not
     // have it, so it is refused there whoever asks.
@@ -542,7 +567,15 @@ async fn call(ch: Channel, path: &str, a: &Args) -> Result<(), tonic::Status> {
         ("MachineService", "Kubeconfig") => m.kubeconfig(Empty {}).await.map(drop),
         ("MachineService", "Reboot") => m.reboot(Empty {}).await.map(drop),
         ("MachineService", "Shutdown") => m.shutdown(Empty {}).await.map(drop),
-        ("MachineService", "Reset") => m.reset(ResetRequest { graceful: false }).await.map(drop),
+        // The node is the only etcd member: without force the reset is
+        // refused after authorization, and the test wants it to happen.
+        ("MachineService", "Reset") => m
+            .reset(ResetRequest {
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         ("MachineService", "Rollback") => m.rollback(Empty {}).await.map(drop),
         ("MachineService", "Upgrade") => m
             .upgrade(tokio_stream::iter([UpgradeRequest {
@@ -551,6 +584,28 @@ async fn call(ch: Channel, path: &str, a: &Args) -> Result<(), tonic::Status> {
             }]))
             .await
             .map(drop),
+        ("MachineService", "Dmesg") => {
+            let mut stream = m
+                .dmesg(DmesgRequest {
+                    follow: false,
+                    tail: 1,
+                })
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            Ok(())
+        }
+        ("MachineService", "Events") => {
+            let mut stream = m
+                .events(EventsRequest {
+                    follow: false,
+                    tail: 5,
+                })
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            Ok(())
+        }
         ("ServiceService", "List") => s.list(Empty {}).await.map(drop),
         ("ServiceService", "Start") => s.start(svc(UNKNOWN_SERVICE)).await.map(drop),
         ("ServiceService", "Stop") => s.stop(svc(UNKNOWN_SERVICE)).await.map(drop),
@@ -580,6 +635,27 @@ async fn call(ch: Channel, path: &str, a: &Args) -> Result<(), tonic::Status> {
             })
             .await
             .map(drop),
+        ("EtcdService", "Snapshot") => {
+            let mut stream = e.snapshot(Empty {}).await?.into_inner();
+            while stream.message().await?.is_some() {}
+            Ok(())
+        }
+        // A junk upload: refused after authorization, before anything is
+        // stored.
+        ("EtcdService", "Recover") => e
+            .recover(tokio_stream::iter([EtcdRecoverRequest {
+                data: b"not a snapshot".to_vec(),
+                size: 14,
+                sha256: "0".repeat(64),
+            }]))
+            .await
+            .map(drop),
+        ("EtcdService", "Defragment") => e.defragment(Empty {}).await.map(drop),
+        ("EtcdService", "Alarms") => e
+            .alarms(EtcdAlarmsRequest { disarm: false })
+            .await
+            .map(drop),
+        ("EtcdService", "ForfeitLeadership") => e.forfeit_leadership(Empty {}).await.map(drop),
         ("TrustService", "SignServerCertificate") => TrustServiceClient::new(ch)
             .sign_server_certificate(SignServerCertificateRequest {
                 machine_token: "not-the-token".into(),

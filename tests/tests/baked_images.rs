@@ -372,13 +372,15 @@ fn pause_reaps_orphans_and_stops_on_sigterm() {
         skip("not root: unshare --pid needs it");
         return;
     }
-    let mut ns = Command::new("unshare")
-        .args(["--pid", "--fork", "--kill-child"])
-        .arg(bin("pause"))
-        .spawn()
-        .unwrap();
+    let mut ns = KillOnDrop(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child"])
+            .arg(bin("pause"))
+            .spawn()
+            .unwrap(),
+    );
     // pause: the child of unshare.
-    let children = format!("/proc/{}/task/{}/children", ns.id(), ns.id());
+    let children = format!("/proc/{}/task/{}/children", ns.0.id(), ns.0.id());
     let mut pause_pid = 0;
     wait_until(Duration::from_secs(10), "pause started", || {
         pause_pid = std::fs::read_to_string(&children)
@@ -391,9 +393,10 @@ fn pause_reaps_orphans_and_stops_on_sigterm() {
     });
     // An orphan inside its namespace: sh starts sleep and exits, so sleep
     // is reparented to pause (PID 1 there), exits, and must be reaped.
+    // It lives 5 s so that a loaded machine still sees it reparented.
     run(Command::new("nsenter")
         .args(["--target", &pause_pid.to_string(), "--pid", "--"])
-        .args(["sh", "-c", "sleep 1 & exit 0"]))
+        .args(["sh", "-c", "sleep 5 & exit 0"]))
     .expect_ok();
     let pause_children = format!("/proc/{pause_pid}/task/{pause_pid}/children");
     wait_until(
@@ -406,7 +409,7 @@ fn pause_reaps_orphans_and_stops_on_sigterm() {
                 .is_empty()
         },
     );
-    wait_until(Duration::from_secs(10), "the orphan reaped", || {
+    wait_until(Duration::from_secs(30), "the orphan reaped", || {
         std::fs::read_to_string(&pause_children)
             .unwrap_or_default()
             .trim()
@@ -418,6 +421,17 @@ fn pause_reaps_orphans_and_stops_on_sigterm() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = ns.wait().unwrap();
+    let status = ns.0.wait().unwrap();
     assert!(status.success(), "pause exited with {status}");
+}
+
+/// Kills unshare (and with `--kill-child`, pause) when a check fails, so
+/// a failed test leaves no process behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

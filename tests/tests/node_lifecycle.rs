@@ -287,7 +287,8 @@ fn shutdown_stops_services_and_reset_returns_to_maintenance() {
     let tmp = tempfile::tempdir().unwrap();
     let ip = "127.0.1.3";
     let (files, mut node) = bootstrapped_node(tmp.path(), ip);
-    files.osctl(&[ip], &["reset"]).expect_ok();
+    // The only etcd member: its data is the cluster's last copy.
+    files.osctl(&[ip], &["reset", "--force"]).expect_ok();
     wait_until(Duration::from_secs(20), "maintenance banner", || {
         node.log_text().matches("state:       maintenance").count() >= 2
     });

@@ -2,7 +2,8 @@
 //! (TCG), machined answers in maintenance mode, `osctl apply-config
 //! --insecure` with the console's fingerprint and token makes it an etcd
 //! node, `osctl bootstrap`, and etcd is healthy over mTLS — checked by
-//! osctl and by etcdctl through a forwarded port.
+//! osctl and by etcdctl through a forwarded port; then a snapshot, a wipe
+//! and a recovery from it bring back the key written before it.
 //!
 //! Builds the image with the workspace's imager from the committed lock;
 //! skips (saying so) when QEMU or the package mirror is unavailable.
@@ -117,6 +118,13 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
         "etcd healthy {:.1}s after bootstrap (TCG)",
         t.elapsed().as_secs_f64()
     );
+    // The kernel log through the API: the boot's first line is there.
+    let dmesg = files.osctl(&[&node], &["dmesg"]).expect_ok();
+    assert!(
+        dmesg.stdout.contains("Linux version") && dmesg.stdout.starts_with("[    0."),
+        "{}",
+        dmesg.text()
+    );
     let m = files.osctl(&[&node], &["etcd", "members"]).expect_ok();
     assert!(
         m.stdout.contains("vm-1") && m.stdout.contains("https://10.0.2.15:2380"),
@@ -132,13 +140,68 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
     let got = node_tests::etcdctl(&endpoint, &certs, &["get", "booted", "--print-value-only"])
         .expect_ok();
     assert_eq!(got.stdout.trim(), "yes");
+
+    // Backup and restore on the image: snapshot, a key written after it,
+    // a wipe (the only member: --force), the config again, and a recovery
+    // from the snapshot with the image's etcdctl.
+    let snap = tmp.path().join("backup.db");
+    let t = Instant::now();
+    files
+        .osctl(&[&node], &["etcd", "snapshot", snap.to_str().unwrap()])
+        .expect_ok();
+    let snapshot_s = t.elapsed().as_secs_f64();
+    node_tests::etcdctl(&endpoint, &certs, &["put", "after-snapshot", "lost"]).expect_ok();
+    let banners = log().matches("token:").count();
+    files.osctl(&[&node], &["reset", "--force"]).expect_ok();
+    wait_until(
+        Duration::from_secs(60),
+        "maintenance mode after the reset",
+        || log().matches("token:").count() > banners,
+    );
+    let text = log();
+    let (fp, token) = (
+        banner(&text, "fingerprint:").unwrap(),
+        banner(&text, "token:").unwrap(),
+    );
+    wait_until(Duration::from_secs(30), "the maintenance API again", || {
+        node_tests::apply_insecure(&node, &fp, &token, &cfg).ok
+    });
+    wait_until(Duration::from_secs(60), "the configured API again", || {
+        files.osctl(&[&node], &["version"]).ok
+    });
+    let t = Instant::now();
+    let r = files
+        .osctl(
+            &[&node],
+            &["bootstrap", "--recover-from", snap.to_str().unwrap()],
+        )
+        .expect_ok();
+    assert!(r.stdout.contains("restored"), "{}", r.text());
+    files
+        .osctl(&[&node], &["health", "--wait", "180"])
+        .expect_ok();
+    let recover_s = t.elapsed().as_secs_f64();
+    let get = |k: &str| {
+        node_tests::etcdctl(&endpoint, &certs, &["get", k, "--print-value-only"])
+            .expect_ok()
+            .stdout
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(get("booted"), "yes");
+    assert_eq!(get("after-snapshot"), "");
+    eprintln!(
+        "etcd snapshot of {} bytes in {snapshot_s:.1}s; recovery to healthy in {recover_s:.1}s (TCG)",
+        std::fs::metadata(&snap).unwrap().len()
+    );
 }
 
 /// Boot test 2: the raw disk image boots through OVMF and systemd-boot;
 /// init switches to slot A's squashfs; machined formats STATE and
 /// EPHEMERAL (grown to the bigger disk) and gets its address by DHCP.
-/// After apply, bootstrap and a reboot the config is still there, and a
-/// key written to etcd before the reboot is read after it.
+/// After apply, bootstrap and a reboot the config is still there, a key
+/// written to etcd before the reboot is read after it, and so are the
+/// service logs written before it.
 #[test]
 fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() {
     require!("qemu-system-x86_64", "etcdctl");
@@ -249,4 +312,15 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
     )
     .expect_ok();
     assert_eq!(got.stdout.trim(), "kept");
+    // Service logs live on EPHEMERAL: etcd's lines from the first boot
+    // (when it founded the cluster: `initial-cluster-state` "new"; every
+    // later start says "existing") are still served after the reboot.
+    let logs = files
+        .osctl(&[&node], &["logs", "etcd", "--tail", "0"])
+        .expect_ok();
+    assert!(
+        logs.stdout.contains("\"initial-cluster-state\":\"new\""),
+        "the first boot's etcd log is gone after the reboot:\n{}",
+        logs.text()
+    );
 }

@@ -45,6 +45,7 @@ pub fn machine_config(
             kernel_modules: Vec::new(),
             cert_sans: Vec::new(),
             kubelet,
+            metrics: Metrics::default(),
         },
         cluster: Cluster {
             name: input.name.clone(),

@@ -112,6 +112,25 @@ pub struct Machine {
     /// kubelet settings.
     #[serde(default, skip_serializing_if = "is_default")]
     pub kubelet: Component,
+    /// machined's Prometheus metrics. They are always served over mutual
+    /// TLS on port 50002 (client certificates from the OS CA, any role);
+    /// this adds a plain-HTTP port.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub metrics: Metrics,
+}
+
+/// machined's Prometheus metrics endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metrics {
+    /// Also serve `/metrics` without TLS or client certificates on this
+    /// port of the OS API's address (1024 to 65535; not 2379, 2380 or
+    /// 50000 to 50002), read-only, for scrapers that cannot hold a client
+    /// certificate. Anyone who can reach the port can read the metrics
+    /// (service states, certificate expiry, etcd health). Absent: no
+    /// plain-HTTP port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_port: Option<u16>,
 }
 
 /// Which OS images a node takes when installing or upgrading.
@@ -307,6 +326,32 @@ pub struct Etcd {
         deserialize_with = "scalar_map"
     )]
     pub extra_args: BTreeMap<String, String>,
+    /// Snapshots each `etcd` node takes of its member on a schedule, kept
+    /// in /var/lib/etcd-snapshots (the EPHEMERAL partition) with the
+    /// newest `keep`. Absent: none are taken (`osctl etcd snapshot` still
+    /// works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<EtcdSnapshots>,
+}
+
+/// Scheduled etcd snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EtcdSnapshots {
+    /// Minutes between snapshots: 5 to 10080 (a week); 1440 is daily.
+    #[serde(default = "default_snapshot_interval")]
+    pub interval_minutes: u32,
+    /// How many snapshots to keep, oldest removed first: 1 to 100.
+    #[serde(default = "default_snapshot_keep")]
+    pub keep: u32,
+}
+
+fn default_snapshot_interval() -> u32 {
+    1440
+}
+
+fn default_snapshot_keep() -> u32 {
+    7
 }
 
 /// An etcd cluster run elsewhere.

@@ -321,6 +321,24 @@ fn machine(m: &Machine, r: &mut Report) {
     }
     extra_args("machine.kubelet.extraArgs", &m.kubelet.extra_args, r);
     trusted_image_keys(&m.upgrade.trusted_image_keys, r);
+    if let Some(port) = m.metrics.insecure_port {
+        if let Some(why) = metrics_port_problem(port) {
+            r.add("machine.metrics.insecurePort", format!("port {port} {why}"));
+        }
+    }
+}
+
+/// Why `port` cannot be machined's plain-HTTP metrics port: a privileged
+/// port, or one that machined or etcd already listens on.
+fn metrics_port_problem(port: u16) -> Option<&'static str> {
+    match port {
+        0..=1023 => Some("is a privileged port: use 1024 to 65535"),
+        2379 | 2380 => Some("is etcd's (client 2379, peer 2380)"),
+        50000 => Some("is the OS API's"),
+        50001 => Some("is the trust endpoint's"),
+        50002 => Some("is the mutual-TLS metrics port's"),
+        _ => None,
+    }
 }
 
 /// `machine.upgrade.trustedImageKeys`: each an ed25519 public key in PEM,
@@ -551,6 +569,17 @@ fn cluster(cfg: &MachineConfig, r: &mut Report) {
         }
     }
     extra_args("cluster.etcd.extraArgs", &c.etcd.extra_args, r);
+    if let Some(s) = &c.etcd.snapshots {
+        if !(5..=10_080).contains(&s.interval_minutes) {
+            r.add(
+                "cluster.etcd.snapshots.intervalMinutes",
+                "give 5 to 10080 minutes (a week)",
+            );
+        }
+        if !(1..=100).contains(&s.keep) {
+            r.add("cluster.etcd.snapshots.keep", "keep 1 to 100 snapshots");
+        }
+    }
     cert_sans("cluster.apiServer.certSANs", &c.api_server.cert_sans, r);
     extra_args("cluster.apiServer.extraArgs", &c.api_server.extra_args, r);
     extra_args(
@@ -680,6 +709,16 @@ fn secrets(cfg: &MachineConfig, r: &mut Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_ports() {
+        for ok in [1024, 9100, 50003, 65535] {
+            assert_eq!(metrics_port_problem(ok), None, "{ok}");
+        }
+        for bad in [0, 80, 1023, 2379, 2380, 50000, 50001, 50002] {
+            assert!(metrics_port_problem(bad).is_some(), "{bad}");
+        }
+    }
 
     #[test]
     fn sysctl_names() {

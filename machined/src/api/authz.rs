@@ -108,6 +108,17 @@ pub const RULES: &[Rule] = &[
         Access::Admin,
         false,
     ),
+    // Like service logs: readers may see it.
+    rule(
+        "/machine.v1alpha1.MachineService/Dmesg",
+        Access::Read,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.MachineService/Events",
+        Access::Read,
+        false,
+    ),
     rule("/machine.v1alpha1.ServiceService/List", Access::Read, false),
     rule(
         "/machine.v1alpha1.ServiceService/Start",
@@ -140,6 +151,34 @@ pub const RULES: &[Rule] = &[
     rule(
         "/machine.v1alpha1.EtcdService/RemoveMember",
         Access::Admin,
+        false,
+    ),
+    // The whole keyspace, Secrets included: as sensitive as the CA keys.
+    rule(
+        "/machine.v1alpha1.EtcdService/Snapshot",
+        Access::Admin,
+        false,
+    ),
+    // Replaces the cluster's data.
+    rule(
+        "/machine.v1alpha1.EtcdService/Recover",
+        Access::Admin,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.EtcdService/Defragment",
+        Access::Operate,
+        false,
+    ),
+    // One RPC lists and disarms, so it needs the role disarming needs.
+    rule(
+        "/machine.v1alpha1.EtcdService/Alarms",
+        Access::Operate,
+        false,
+    ),
+    rule(
+        "/machine.v1alpha1.EtcdService/ForfeitLeadership",
+        Access::Operate,
         false,
     ),
 ];

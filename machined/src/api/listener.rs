@@ -697,6 +697,24 @@ where
     }
 }
 
+/// A request in flight on its connection until dropped, for servers that
+/// are not tonic's (the metrics endpoint's HTTP/1.1), which
+/// [`ActivityLayer`] does not see: without it, a scraper's keep-alive
+/// connection would count as idle however often it is used.
+#[derive(Debug)]
+pub struct RequestGuard {
+    _in_flight: InFlight,
+}
+
+/// Marks a request in flight on the connection from `peer` to `local` of
+/// any listener; None when no such connection is open.
+pub fn request_guard(local: SocketAddr, peer: SocketAddr) -> Option<RequestGuard> {
+    let shared = index().get(&(local, peer)).cloned()?;
+    Some(RequestGuard {
+        _in_flight: InFlight::begin(shared),
+    })
+}
+
 /// A reply body that keeps its call in flight until it ends or is dropped.
 #[derive(Debug)]
 pub struct Tracked<B> {

@@ -6,15 +6,16 @@ use std::time::Duration;
 use machine_api::proto::machine_service_server::MachineService;
 use machine_api::proto::{
     ApplyConfigurationRequest, ApplyConfigurationResponse, ApplyMode as ProtoMode, BootMark,
-    BootTimelineResponse, ConfirmConfigurationResponse, Empty, GetConfigurationResponse,
-    HealthResponse, KubeconfigResponse, ResetRequest, RollbackResponse, SlotEntry, UpgradeRequest,
-    UpgradeResponse, VersionResponse,
+    BootTimelineResponse, ConfirmConfigurationResponse, DmesgRequest, Empty, EventsRequest,
+    GetConfigurationResponse, HealthResponse, KubeconfigResponse, LogLine, NodeEvent, ResetRequest,
+    RollbackResponse, SlotEntry, UpgradeRequest, UpgradeResponse, VersionResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::service_api::info as service_info;
 use crate::node::{ApplyMode, Node, Outcome, Request as NodeRequest, Via};
+use crate::state::Wipe;
 use crate::supervisor::ServiceState;
 
 /// One upgrade at a time: a second is refused, not queued.
@@ -231,8 +232,15 @@ impl MachineService for MachineApi {
         info!(caller, ?target, keys = trusted.len(), "upgrade started");
         let mut stream = r.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
+        let kubelet = self.0.role_context(&cfg).binary("kubelet", "kubelet").ok();
         let install = tokio::task::spawn_blocking(move || {
-            crate::upgrade::install(crate::upgrade::ChunkReader::new(rx), &trusted, &target)
+            let running = crate::upgrade::running_kubernetes(kubelet.as_deref());
+            crate::upgrade::install(
+                crate::upgrade::ChunkReader::new(rx),
+                &trusted,
+                &target,
+                running.as_deref(),
+            )
         });
         let mut stage = None;
         let mut total = 0u64;
@@ -322,6 +330,83 @@ impl MachineService for MachineApi {
         Ok(with_after(reply, out.after))
     }
 
+    type DmesgStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLine, Status>> + Send>>;
+
+    async fn dmesg(&self, r: Request<DmesgRequest>) -> Result<Response<Self::DmesgStream>, Status> {
+        let DmesgRequest { follow, tail } = r.into_inner();
+        let path = std::path::PathBuf::from("/dev/kmsg");
+        // Opened here so that a node without it answers at once.
+        std::fs::File::open(&path).map_err(|e| {
+            Status::unavailable(format!(
+                "cannot read the kernel log {}: {e}",
+                path.display()
+            ))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<LogLine, Status>>(64);
+        tokio::task::spawn_blocking(move || {
+            let result = crate::kmsg::read(&path, tail as usize, follow, &mut |line| {
+                if line.is_empty() {
+                    // A follower's probe: is the client still there?
+                    return !tx.is_closed();
+                }
+                tx.blocking_send(Ok(LogLine { line })).is_ok()
+            });
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(Status::unavailable(format!(
+                    "reading the kernel log: {e}"
+                ))));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type EventsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<NodeEvent, Status>> + Send>>;
+
+    async fn events(
+        &self,
+        r: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let EventsRequest { follow, tail } = r.into_inner();
+        let (backlog, mut rx) = self.0.events.backlog_and_follow(tail as usize);
+        let wire = |e: crate::events::Event| NodeEvent {
+            seq: e.seq,
+            unix_ms: e.unix_ms,
+            kind: e.kind.to_owned(),
+            message: e.message,
+        };
+        let backlog: Vec<Result<NodeEvent, Status>> =
+            backlog.into_iter().map(|e| Ok(wire(e))).collect();
+        if !follow {
+            return Ok(Response::new(Box::pin(tokio_stream::iter(backlog))));
+        }
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<NodeEvent, Status>>(64);
+        tokio::spawn(async move {
+            for e in backlog {
+                if tx.send(e).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let e = match rx.recv().await {
+                    Ok(e) => wire(e),
+                    // A slow follower: the gap shows in seq.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
     async fn rollback(&self, r: Request<Empty>) -> Result<Response<RollbackResponse>, Status> {
         let caller = who(&r);
         let running = running_slot(&self.0);
@@ -359,9 +444,28 @@ impl MachineService for MachineApi {
     }
 
     async fn reset(&self, r: Request<ResetRequest>) -> Result<Response<Empty>, Status> {
-        info!(caller = who(&r), "reset requested");
-        let graceful = r.into_inner().graceful;
-        let out = self.0.request(NodeRequest::Reset { graceful }).await?;
+        let caller = who(&r);
+        let req = r.into_inner();
+        let wipe = Wipe::parse(&req.wipe).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "wipe: {:?} is not a wipe mode; accepted: \"all\" (the default, also \"\"), \"state\", \"ephemeral\"",
+                req.wipe
+            ))
+        })?;
+        info!(
+            caller,
+            graceful = req.graceful,
+            wipe = wipe.as_str(),
+            force = req.force,
+            "reset requested"
+        );
+        let out = match self.0.reset(req.graceful, wipe, req.force).await {
+            Ok(o) => o,
+            Err(e) => {
+                info!(caller, error = %e, "reset refused");
+                return Err(e.into());
+            }
+        };
         Ok(with_after(Empty {}, out.after))
     }
 }
@@ -387,7 +491,9 @@ fn upgrade_status(e: crate::upgrade::UpgradeError) -> Status {
     use machine_api::image_bundle::BundleError as B;
     let msg = e.to_string();
     match e {
-        U::Bundle(B::Signature(_)) | U::NoTarget { .. } => Status::failed_precondition(msg),
+        U::Bundle(B::Signature(_) | B::Refused(_)) | U::NoTarget { .. } => {
+            Status::failed_precondition(msg)
+        }
         U::Bundle(B::Store { .. }) | U::Io(..) | U::Esp(..) => Status::internal(msg),
         U::Bundle(_) => Status::invalid_argument(msg),
     }

@@ -5,6 +5,8 @@ pub mod authz;
 pub mod etcd_api;
 pub mod listener;
 pub mod machine_api;
+pub mod metrics;
+pub mod metrics_layer;
 pub mod service_api;
 pub mod tls;
 pub mod trust;
@@ -168,6 +170,8 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
         };
         let limits = listener::Limits::default();
         let server = listener::server(&limits)
+            // Outside authz: refused calls are counted too.
+            .layer(metrics_layer::MetricsLayer)
             .layer(authz::AuthzLayer { maintenance })
             .add_service(MachineServiceServer::new(machine_api::MachineApi(
                 node.clone(),
@@ -213,6 +217,13 @@ pub async fn serve(node: Arc<Node>, mut control: mpsc::UnboundedReceiver<Control
             }
         } else {
             None
+        };
+        // Prometheus metrics (port 50002, and the config's plain port) of
+        // a configured node; stopped when this iteration ends.
+        let _metrics = if maintenance {
+            None
+        } else {
+            metrics::spawn(node.clone(), &id)
         };
         let mut task = tokio::spawn(server);
         // The banner tells operators to connect: print it once the port

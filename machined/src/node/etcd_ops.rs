@@ -20,6 +20,15 @@ impl Node {
     /// Checks this node may start a new etcd cluster and marks it to; the
     /// reconcile that follows starts etcd.
     pub(super) fn mark_etcd_bootstrap(&self, cfg: &MachineConfig) -> Result<(), NodeError> {
+        self.check_etcd_bootstrap(cfg)?;
+        let marker = etcd::bootstrap_marker(&self.opts.paths);
+        machine_api::atomic::write_atomic(&marker, b"bootstrap\n", 0o600)
+            .map_err(|e| NodeError::internal(format!("cannot write {}", marker.display()), e))
+    }
+
+    /// Whether this node may start a new etcd cluster (bootstrap, or a
+    /// recovery from a snapshot).
+    pub(crate) fn check_etcd_bootstrap(&self, cfg: &MachineConfig) -> Result<(), NodeError> {
         if !cfg.has_role(Role::Etcd) {
             return Err(NodeError::Precondition("this node has no etcd role".into()));
         }
@@ -37,14 +46,12 @@ impl Node {
         self.role_context(cfg)
             .binary(etcd::SERVICE, "etcd")
             .map_err(|e| NodeError::Precondition(e.to_string()))?;
-        let marker = etcd::bootstrap_marker(&self.opts.paths);
-        if marker.exists() {
+        if etcd::bootstrap_marker(&self.opts.paths).exists() {
             return Err(NodeError::Precondition(
                 "etcd was already bootstrapped on this node and is starting (see `osctl logs etcd`)".into(),
             ));
         }
-        machine_api::atomic::write_atomic(&marker, b"bootstrap\n", 0o600)
-            .map_err(|e| NodeError::internal(format!("cannot write {}", marker.display()), e))
+        Ok(())
     }
 
     /// Graceful reset: this member leaves the etcd cluster first (unless

@@ -9,6 +9,7 @@
 
 pub mod boot;
 mod core;
+pub mod etcd_backup_ops;
 pub mod etcd_ops;
 pub mod plan;
 
@@ -170,6 +171,8 @@ pub struct Node {
     facts: std::sync::RwLock<Facts>,
     /// The last thing worth telling (rollback, reconcile error).
     last_event: std::sync::Mutex<Option<String>>,
+    /// What the node did, for `osctl events`.
+    pub events: crate::events::Events,
     /// The roles that could not start at the last reconcile: noted once
     /// when they change, so a later event (a rollback) is not buried under
     /// the same problem repeated at every reconcile.
@@ -222,6 +225,7 @@ impl Node {
             inbox: std::sync::Mutex::new(Some(inbox)),
             control,
             last_event: std::sync::Mutex::new(None),
+            events: crate::events::Events::new(),
             role_problems: std::sync::Mutex::new(Vec::new()),
             started: Instant::now(),
         })
@@ -246,8 +250,10 @@ impl Node {
         self.state.clone()
     }
 
-    /// Sends `request` to the core and waits for its outcome.
+    /// Sends `request` to the core and waits for its outcome; requests an
+    /// operator would want in `osctl events` are recorded there.
     pub async fn request(&self, request: Request) -> Result<Outcome, NodeError> {
+        let label = request.event_label();
         let (tx, rx) = oneshot::channel();
         self.requests
             .send_timeout((request, tx), Duration::from_secs(30))
@@ -257,9 +263,29 @@ impl Node {
                     "the node is busy with an earlier change; try again shortly".into(),
                 )
             })?;
-        rx.await.map_err(|_| {
+        let outcome = rx.await.map_err(|_| {
             NodeError::Precondition("the node is stopping; the request was not carried out".into())
-        })?
+        })?;
+        if let Some(what) = label {
+            match &outcome {
+                Ok(o) => self.events.record(
+                    "request",
+                    format!(
+                        "{what}: {}{}",
+                        o.reply.outcome,
+                        if o.reply.message.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", o.reply.message)
+                        }
+                    ),
+                ),
+                Err(e) => self
+                    .events
+                    .record("request", format!("{what}: refused: {e}")),
+            }
+        }
+        outcome
     }
 
     /// The node's own address: etcd's and the certificates'.
@@ -350,6 +376,7 @@ impl Node {
 
     fn note(&self, text: String) {
         warn!("{text}");
+        self.events.record("note", text.clone());
         if let Ok(mut e) = self.last_event.lock() {
             *e = Some(text);
         }
@@ -445,6 +472,24 @@ impl Node {
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Request {
+    /// What `osctl events` calls this request; None for the node's own
+    /// housekeeping (reconciles) and dry runs.
+    fn event_label(&self) -> Option<&'static str> {
+        Some(match self {
+            Request::Apply { dry_run: true, .. } | Request::Reconcile => return None,
+            Request::Apply { .. } => "config applied",
+            Request::Confirm => "config confirmed",
+            Request::EndTry { .. } => "config try ended",
+            Request::Refuse { .. } => "config refused by the trust endpoint",
+            Request::Reset { .. } => "reset",
+            Request::Reboot => "reboot",
+            Request::Shutdown => "shutdown",
+            Request::Bootstrap => "etcd bootstrap",
+        })
+    }
 }
 
 #[cfg(test)]

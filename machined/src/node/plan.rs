@@ -16,7 +16,7 @@ use machine_api::config::MachineConfig;
 
 use crate::api::tls::ServerIdentity;
 use crate::roles::NodeIdentity;
-use crate::state::{change, unix_ms, Record, TryState};
+use crate::state::{change, unix_ms, Record, TryState, Wipe};
 
 /// Where the node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,8 +101,16 @@ pub enum Request {
     Refuse {
         reason: String,
     },
+    /// `osctl reset`.
     Reset {
+        /// Leave the etcd cluster first.
         graceful: bool,
+        wipe: Wipe,
+        /// Wipe the last copy of the etcd cluster's data too.
+        force: bool,
+        /// This node's etcd member, as the node found it just before
+        /// asking (plan does no I/O).
+        etcd: EtcdMember,
     },
     Reboot,
     Shutdown,
@@ -110,6 +118,23 @@ pub enum Request {
     Bootstrap,
     /// Bring services in line with the config (certificate renewal).
     Reconcile,
+}
+
+/// What a reset would take from etcd, found out by the node before it asks
+/// the core (see `Node::reset`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EtcdMember {
+    /// No etcd data on this node: a reset loses nothing of etcd's.
+    NoData,
+    /// This node's member has data, and etcd lists `others` other started
+    /// members (members added but never started hold no data and do not
+    /// count). With none, this data is the cluster's only copy.
+    Member { others: usize },
+    /// This node has etcd data, but etcd could not say how many members
+    /// there are (why). A reset treats it like the last member: refusing
+    /// a reset that turns out harmless costs a `--force`; wiping what
+    /// turns out to be the only copy costs the cluster.
+    Unknown(String),
 }
 
 /// One step of a transition, executed in order; a failing step stops the
@@ -135,9 +160,12 @@ pub enum Step {
     },
     StopTryWatch,
     StopServices,
-    /// Remove etcd data, minted secrets, containerd's root and kept
-    /// certificates.
-    WipeData,
+    /// Remove what the reset wipes (see [`Wipe`]).
+    WipeData {
+        wipe: Wipe,
+        /// Remove the etcd bootstrap mark although the config stays.
+        forget_etcd_bootstrap: bool,
+    },
     /// Check etcd can start a new cluster here and mark it to.
     EtcdBootstrap,
     /// Tell the operator (`osctl health`, the log).
@@ -333,30 +361,12 @@ pub fn plan(now: &Snapshot, request: Request, env: &Env) -> Result<Transition, R
                 },
             })
         }
-        Request::Reset { graceful } => {
-            let mut steps = Vec::new();
-            if graceful {
-                steps.push(Step::LeaveEtcd);
-            }
-            // Marked first: a crash mid-wipe finishes the reset at the next
-            // start instead of booting a config whose data is half gone.
-            steps.push(Step::Commit(Record {
-                generation: now.record.generation + 1,
-                resetting: true,
-                ..now.record.clone()
-            }));
-            steps.extend(reset_steps(now.record.generation + 2));
-            steps.push(Step::AfterReply(Control::Reload));
-            Ok(Transition {
-                steps,
-                phase: Phase::Maintenance,
-                reply: Reply {
-                    outcome: "reset",
-                    message: "config and data wiped; the node is in maintenance mode".into(),
-                    ..Default::default()
-                },
-            })
-        }
+        Request::Reset {
+            graceful,
+            wipe,
+            force,
+            etcd,
+        } => plan_reset(now, graceful, wipe, force, &etcd, env),
         Request::Reboot | Request::Shutdown => {
             let (phase, control, outcome) = match request {
                 Request::Reboot => (Phase::Rebooting, Control::Reboot, "rebooting"),
@@ -393,20 +403,175 @@ pub fn plan(now: &Snapshot, request: Request, env: &Env) -> Result<Transition, R
     }
 }
 
-/// After the reset is marked: stop, wipe, forget the config.
-fn reset_steps(generation: u64) -> Vec<Step> {
+/// Why a reset that destroys etcd data is refused without `--force`, if it
+/// is: this node holds the last copy of its cluster's data, or etcd cannot
+/// tell (the safer reading). Every wipe mode destroys etcd data (see
+/// [`Wipe`]).
+fn last_copy(etcd: &EtcdMember, wipe: Wipe) -> Option<String> {
+    match etcd {
+        EtcdMember::NoData | EtcdMember::Member { others: 1.. } => None,
+        EtcdMember::Member { others: 0 } => Some(format!(
+            "this node is the last member of its etcd cluster: --wipe {wipe} destroys the cluster's only copy of its data (every Kubernetes object); pass --force to wipe it anyway"
+        )),
+        EtcdMember::Unknown(why) => Some(format!(
+            "cannot ask etcd how many members remain ({}), so this node may hold the cluster's last copy of its data, which --wipe {wipe} destroys; pass --force to wipe it anyway",
+            why.replace('\n', " ")
+        )),
+    }
+}
+
+/// `osctl reset`: leave etcd (graceful), mark the reset in the record
+/// (with its wipe mode), then wipe and finish.
+fn plan_reset(
+    now: &Snapshot,
+    graceful: bool,
+    wipe: Wipe,
+    force: bool,
+    etcd: &EtcdMember,
+    env: &Env,
+) -> Result<Transition, Refusal> {
+    if now.record.resetting {
+        // A step of the reset failed (the record still says resetting): a
+        // retry finishes the reset the record names. Its checks passed and
+        // its leave ran before the mark, and the services are stopped, so
+        // neither runs again.
+        if wipe != now.record.wipe {
+            return Err(Refusal::Precondition(format!(
+                "a reset with --wipe {0} is under way: retry it with --wipe {0}, or reboot to finish it",
+                now.record.wipe
+            )));
+        }
+        return finish_reset(now, &now.record, env);
+    }
+    if wipe == Wipe::Ephemeral && now.phase == Phase::Trying {
+        return Err(Refusal::Precondition(
+            "a try config is pending: confirm it (osctl confirm) or wait for its rollback before a reset that keeps the config".into(),
+        ));
+    }
+    if !force {
+        if let Some(why) = last_copy(etcd, wipe) {
+            return Err(Refusal::Precondition(why));
+        }
+    }
+    // Marked first: a crash mid-wipe finishes the same reset at the next
+    // start instead of booting a config whose data is half gone.
+    let marked = Record {
+        generation: now.record.generation + 1,
+        resetting: true,
+        wipe,
+        forget_etcd_bootstrap: wipe == Wipe::Ephemeral
+            && matches!(
+                etcd,
+                EtcdMember::Member { others: 1.. } | EtcdMember::Unknown(_)
+            ),
+        ..now.record.clone()
+    };
+    let mut t = finish_reset(now, &marked, env)?;
+    let mut steps = Vec::new();
+    if graceful {
+        steps.push(Step::LeaveEtcd);
+    }
+    steps.push(Step::Commit(marked));
+    steps.append(&mut t.steps);
+    t.steps = steps;
+    Ok(t)
+}
+
+/// Stop everything and wipe what the marked reset names.
+fn wipe_steps(marked: &Record) -> Vec<Step> {
     vec![
         Step::StopTryWatch,
         Step::StopServices,
-        Step::WipeData,
+        Step::WipeData {
+            wipe: marked.wipe,
+            forget_etcd_bootstrap: marked.forget_etcd_bootstrap,
+        },
+    ]
+}
+
+/// After the reset is marked in `marked`: wipe, then forget the config
+/// (`all`, `state`) or start the services afresh with it (`ephemeral`).
+fn finish_reset(now: &Snapshot, marked: &Record, env: &Env) -> Result<Transition, Refusal> {
+    if marked.wipe.forgets_config() {
+        let mut steps = reset_steps(marked);
+        steps.push(Step::AfterReply(Control::Reload));
+        let message = match marked.wipe {
+            Wipe::State => "config, identity and etcd data wiped (the rest of /var kept); the node is in maintenance mode",
+            _ => "config and data wiped; the node is in maintenance mode",
+        };
+        return Ok(Transition {
+            steps,
+            phase: Phase::Maintenance,
+            reply: Reply {
+                outcome: "reset",
+                message: message.into(),
+                ..Default::default()
+            },
+        });
+    }
+    let config = now.config.clone().or_else(|| {
+        marked
+            .current
+            .as_deref()
+            .and_then(|t| MachineConfig::parse(t).ok())
+    });
+    let Some(config) = config else {
+        return Err(Refusal::Precondition(
+            "the node has no config to keep: reset with --wipe all".into(),
+        ));
+    };
+    let mut steps = wipe_steps(marked);
+    steps.push(Step::Commit(Record {
+        generation: marked.generation + 1,
+        resetting: false,
+        wipe: Wipe::All,
+        forget_etcd_bootstrap: false,
+        ..marked.clone()
+    }));
+    steps.push(Step::Note(ephemeral_note(&config, marked)));
+    go_live(env, now.config.as_ref(), Some(config), &mut steps);
+    Ok(Transition {
+        steps,
+        phase: Phase::Configured,
+        reply: Reply {
+            outcome: "reset",
+            message: "data on EPHEMERAL wiped; the services start afresh with the same config"
+                .into(),
+            ..Default::default()
+        },
+    })
+}
+
+/// What an ephemeral reset tells the operator: how etcd comes back.
+fn ephemeral_note(config: &MachineConfig, marked: &Record) -> String {
+    let what = "reset --wipe ephemeral: etcd, containerd and kubelet data wiped, config kept";
+    if !config.has_role(machine_api::config::Role::Etcd) {
+        return format!("{what}; services restarting");
+    }
+    if !config.cluster.etcd.endpoints.is_empty() {
+        return format!(
+            "{what}; etcd joins its cluster again as a new member through cluster.etcd.endpoints"
+        );
+    }
+    if marked.forget_etcd_bootstrap {
+        return format!("{what}; this node founded its etcd cluster and its config names no cluster.etcd.endpoints, so etcd waits: list a surviving member there (osctl apply-config) to join again; `osctl bootstrap` would found a second cluster");
+    }
+    format!("{what}; etcd starts a new, empty cluster on this node")
+}
+
+/// After an `all` or `state` reset is marked: stop, wipe, forget the config.
+fn reset_steps(marked: &Record) -> Vec<Step> {
+    let mut steps = wipe_steps(marked);
+    steps.extend([
         Step::Commit(Record {
-            generation,
+            generation: marked.generation + 1,
             ..Record::default()
         }),
         Step::SetConfig(None),
         Step::WriteEtcFiles,
         Step::Reconcile,
-    ]
+    ]);
+    steps
 }
 
 fn unchanged(phase: Phase, outcome: &'static str) -> Transition {
@@ -553,9 +718,7 @@ fn plan_apply(
         generation: next,
         current: Some(canonical.clone()),
         previous: now.record.current.clone(),
-        staged: None,
-        trial: None,
-        resetting: false,
+        ..Record::default()
     };
     let mut steps = Vec::new();
     let phase = match mode {
@@ -631,15 +794,27 @@ pub fn at_start(record: &Record, env: &Env) -> Transition {
     let mut notes = Vec::new();
     let mut steps = Vec::new();
     let mut r = record.clone();
-    if r.resetting {
-        notes.push("a reset was interrupted; finished it".to_owned());
-        steps.extend(reset_steps(r.generation + 1));
+    if r.resetting && r.wipe.forgets_config() {
+        notes.push(format!(
+            "a reset (--wipe {}) was interrupted; finished it",
+            r.wipe
+        ));
+        steps.extend(reset_steps(&r));
         steps.push(Step::Note(notes.join("; ")));
         return Transition {
             steps,
             phase: Phase::Maintenance,
             reply: Reply::default(),
         };
+    }
+    if r.resetting {
+        // An ephemeral reset keeps the config: wipe, then start as any
+        // start does (the commit below clears the mark).
+        notes.push("a reset (--wipe ephemeral) was interrupted; finished it".to_owned());
+        steps.extend(wipe_steps(&r));
+        r.resetting = false;
+        r.wipe = Wipe::All;
+        r.forget_etcd_bootstrap = false;
     }
     let mut watch = None;
     if let Some(t) = &r.trial {

@@ -443,6 +443,12 @@ struct EtcdHealth {
 
 #[async_trait]
 impl HealthCheck for EtcdHealth {
+    /// etcd's `/health` is a linearizable read through raft: on a loaded
+    /// node it takes seconds (kubeadm gives etcd's probe 15 s).
+    fn timeout(&self) -> Duration {
+        crate::roles::etcd_client::HEALTH_TIMEOUT
+    }
+
     async fn check(&self) -> Result<(), String> {
         let client = self
             .files

@@ -10,6 +10,21 @@ use serde_json::json;
 /// The key joiners hold while they add themselves ([`EtcdClient::join_lock`]).
 pub const JOIN_LOCK_KEY: &str = "/machined/etcd-join-lock";
 
+/// A membership or status call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// etcd's `/health` (a linearizable read, so a round of raft).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Defragmentation and leader transfer: both wait on the member's disk or
+/// on raft.
+const LONG_CALL: Duration = Duration::from_secs(120);
+/// A whole snapshot transfer: etcd's largest supported keyspace (8 GiB)
+/// at a slow disk's pace.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// No snapshot data for this long ends the transfer.
+const SNAPSHOT_IDLE: Duration = Duration::from_secs(60);
+/// One gateway message: a 32 KiB chunk in base64 plus its header.
+const SNAPSHOT_MAX_LINE: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdClientError {
     #[error("etcd TLS setup: {0}")]
@@ -106,7 +121,7 @@ impl EtcdClient {
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
             .identity(identity)
-            .timeout(Duration::from_secs(5))
+            .timeout(CALL_TIMEOUT)
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(tls)?;
@@ -117,6 +132,15 @@ impl EtcdClient {
         &self,
         path: &str,
         body: serde_json::Value,
+    ) -> Result<T, EtcdClientError> {
+        self.post_with_timeout(path, body, CALL_TIMEOUT).await
+    }
+
+    async fn post_with_timeout<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        timeout: Duration,
     ) -> Result<T, EtcdClientError> {
         let mut last = None;
         for ep in &self.endpoints {
@@ -130,6 +154,7 @@ impl EtcdClient {
                     .http
                     .post(&url)
                     .json(&body)
+                    .timeout(timeout)
                     .send()
                     .await
                     .map_err(|e| err(format!("{e:#}")))?;
@@ -221,6 +246,110 @@ impl EtcdClient {
         Ok(held_by.as_deref() == Some(holder))
     }
 
+    /// Starts a snapshot of the first endpoint's member; read it with
+    /// [`SnapshotStream::next_chunk`]. etcd sends it in 32 KiB chunks; the
+    /// last 32 bytes of the whole are etcd's own sha256 of the rest, which
+    /// `etcdctl snapshot restore` checks. Nothing is buffered beyond one
+    /// gateway message.
+    pub async fn snapshot(&self) -> Result<SnapshotStream, EtcdClientError> {
+        let ep = self.endpoints.first().cloned().unwrap_or_default();
+        let url = format!("{}/v3/maintenance/snapshot", ep.trim_end_matches('/'));
+        let err = |message: String| EtcdClientError::Request {
+            url: url.clone(),
+            message,
+        };
+        let resp = self
+            .http
+            .post(&url)
+            .json(&json!({}))
+            // The whole transfer; idle stalls are caught by the chunk
+            // timeout in `next_chunk`.
+            .timeout(SNAPSHOT_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| err(format!("{e:#}")))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            return Err(err(format!("HTTP {status}: {}", text.trim())));
+        }
+        Ok(SnapshotStream {
+            resp,
+            url,
+            pending: Vec::new(),
+            done: false,
+            total: 0,
+        })
+    }
+
+    /// Defragments the first endpoint's member.
+    pub async fn defragment(&self) -> Result<(), EtcdClientError> {
+        let _: serde_json::Value = self
+            .post_with_timeout("/v3/maintenance/defragment", json!({}), LONG_CALL)
+            .await?;
+        Ok(())
+    }
+
+    /// The cluster's active alarms as (member ID, alarm name).
+    pub async fn alarms(&self) -> Result<Vec<(u64, String)>, EtcdClientError> {
+        #[derive(Deserialize)]
+        struct A {
+            #[serde(rename = "memberID", default, deserialize_with = "u64_text")]
+            member_id: u64,
+            #[serde(default)]
+            alarm: String,
+        }
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(default)]
+            alarms: Vec<A>,
+        }
+        let b: Body = self
+            .post(
+                "/v3/maintenance/alarm",
+                json!({"action": "GET", "memberID": "0", "alarm": "NONE"}),
+            )
+            .await?;
+        Ok(b.alarms
+            .into_iter()
+            // The gateway omits the enum's zero value (NONE).
+            .map(|a| {
+                (
+                    a.member_id,
+                    if a.alarm.is_empty() {
+                        "NONE".into()
+                    } else {
+                        a.alarm
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Clears one alarm.
+    pub async fn disarm(&self, member_id: u64, alarm: &str) -> Result<(), EtcdClientError> {
+        let _: serde_json::Value = self
+            .post(
+                "/v3/maintenance/alarm",
+                json!({"action": "DEACTIVATE", "memberID": member_id.to_string(), "alarm": alarm}),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Asks the leader (which must be the first endpoint) to hand
+    /// leadership to `target`.
+    pub async fn move_leader(&self, target: u64) -> Result<(), EtcdClientError> {
+        let _: serde_json::Value = self
+            .post_with_timeout(
+                "/v3/maintenance/transfer-leadership",
+                json!({"targetID": target.to_string()}),
+                LONG_CALL,
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn status(&self) -> Result<Status, EtcdClientError> {
         self.post("/v3/maintenance/status", json!({})).await
     }
@@ -243,6 +372,7 @@ impl EtcdClient {
         let resp = self
             .http
             .get(&url)
+            .timeout(HEALTH_TIMEOUT)
             .send()
             .await
             .map_err(|e| err(format!("{e:#}")))?;
@@ -251,6 +381,91 @@ impl EtcdClient {
             Ok(())
         } else {
             Err(err(format!("unhealthy {}", h.reason).trim().to_owned()))
+        }
+    }
+}
+
+/// A snapshot arriving from etcd's gateway, which writes one JSON object
+/// per line: `{"result":{"blob":"<base64>",...}}` or `{"error":{...}}`.
+#[derive(Debug)]
+pub struct SnapshotStream {
+    resp: reqwest::Response,
+    url: String,
+    pending: Vec<u8>,
+    done: bool,
+    total: u64,
+}
+
+impl SnapshotStream {
+    fn err(&self, message: String) -> EtcdClientError {
+        EtcdClientError::Request {
+            url: self.url.clone(),
+            message,
+        }
+    }
+
+    /// The next chunk of the snapshot, or None at its end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, EtcdClientError> {
+        use base64::Engine;
+        #[derive(Deserialize)]
+        struct Msg {
+            result: Option<Chunk>,
+            error: Option<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        struct Chunk {
+            #[serde(default)]
+            blob: String,
+        }
+        loop {
+            let line = match self.pending.iter().position(|b| *b == b'\n') {
+                Some(nl) => {
+                    let line = self.pending[..nl].to_vec();
+                    self.pending.drain(..=nl);
+                    line
+                }
+                None if self.done && !self.pending.is_empty() => std::mem::take(&mut self.pending),
+                None if self.done => {
+                    if self.total == 0 {
+                        return Err(self.err("etcd sent an empty snapshot".into()));
+                    }
+                    return Ok(None);
+                }
+                None => {
+                    // What is left is the start of one message.
+                    if self.pending.len() > SNAPSHOT_MAX_LINE {
+                        return Err(self.err("a gateway message longer than 1 MiB".into()));
+                    }
+                    let next = tokio::time::timeout(SNAPSHOT_IDLE, self.resp.chunk())
+                        .await
+                        .map_err(|_| {
+                            self.err(format!("no data for {} s", SNAPSHOT_IDLE.as_secs()))
+                        })?
+                        .map_err(|e| self.err(format!("{e:#}")))?;
+                    match next {
+                        Some(bytes) => self.pending.extend_from_slice(&bytes),
+                        None => self.done = true,
+                    }
+                    continue;
+                }
+            };
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let m: Msg = serde_json::from_slice(&line)
+                .map_err(|e| self.err(format!("bad snapshot message: {e}")))?;
+            if let Some(e) = m.error {
+                return Err(self.err(format!("snapshot failed: {e}")));
+            }
+            let blob = m.result.map(|c| c.blob).unwrap_or_default();
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(blob.as_bytes())
+                .map_err(|e| self.err(format!("bad snapshot chunk: {e}")))?;
+            if data.is_empty() {
+                continue;
+            }
+            self.total += data.len() as u64;
+            return Ok(Some(data));
         }
     }
 }

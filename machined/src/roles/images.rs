@@ -186,7 +186,7 @@ impl<'a> Ctr<'a> {
 
 /// Runs `cmd` (stdin closed, output captured), killing it after
 /// `timeout`. Stdout on success; else the exit status and stderr.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<String, String> {
+pub(crate) fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<String, String> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

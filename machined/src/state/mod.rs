@@ -7,5 +7,5 @@ pub mod change;
 mod store;
 
 pub use store::{
-    unix_ms, ConfigStore, FaultHook, Record, StoreError, TryState, WritePoint, RECORD,
+    unix_ms, ConfigStore, FaultHook, Record, StoreError, TryState, Wipe, WritePoint, RECORD,
 };

@@ -90,6 +90,87 @@ pub struct Record {
     /// A reset began and has not finished: the next start finishes it.
     #[serde(default)]
     pub resetting: bool,
+    /// What the unfinished reset wipes, so a start after a crash finishes
+    /// the same reset. Written only while a reset other than `all` is under
+    /// way: records without it (every record of a machined from before wipe
+    /// modes, and every record outside a reset) mean `all`, and an older
+    /// machined still reads them.
+    #[serde(default, skip_serializing_if = "Wipe::is_all")]
+    pub wipe: Wipe,
+    /// With an `ephemeral` wipe: remove the etcd bootstrap mark too. Set when
+    /// other etcd members remain (or etcd could not tell): a member that
+    /// founded its cluster would otherwise found a second, empty cluster of
+    /// its own once its data is gone. Left unset when the member was the
+    /// last one: then etcd founds a new, empty cluster here again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forget_etcd_bootstrap: bool,
+}
+
+/// What `osctl reset` wipes.
+///
+/// | | config, secrets, kept certificates, bootstrap mark (STATE) | etcd data | containerd, kubelet, CNI data (EPHEMERAL) | etcd snapshots | logs |
+/// |---|---|---|---|---|---|
+/// | `all` | wiped | wiped | wiped | wiped | kept |
+/// | `state` | wiped | wiped | kept | kept | kept |
+/// | `ephemeral` | kept | wiped | wiped | kept | kept |
+///
+/// Why `state` wipes etcd data although it lives on EPHEMERAL: the data
+/// *is* a member identity (member ID, cluster ID, raft log) of the cluster
+/// whose config and certificates the reset forgets. Kept, it is either
+/// useless (a node configured for another cluster: etcd refuses to start
+/// on another cluster's data) or harmful (configured for the same cluster:
+/// etcd starts from raft state the cluster may have moved past, or the
+/// member was removed meanwhile, and it crash-loops); and it holds the old
+/// cluster's keys and every Kubernetes Secret on a node that has just
+/// forgotten who may read them. So every mode destroys etcd data, and every
+/// mode needs `--force` on the last member.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wipe {
+    /// The config and all data: the node returns to maintenance mode.
+    #[default]
+    All,
+    /// The config and the node's identity (what STATE holds) and etcd
+    /// data; /var data stays. The node returns to maintenance mode.
+    State,
+    /// The data on EPHEMERAL (/var); the config stays and the services
+    /// start afresh with it.
+    Ephemeral,
+}
+
+impl Wipe {
+    /// The wire form (`ResetRequest.wipe`); empty means `all`.
+    pub fn parse(s: &str) -> Option<Wipe> {
+        match s {
+            "" | "all" => Some(Wipe::All),
+            "state" => Some(Wipe::State),
+            "ephemeral" => Some(Wipe::Ephemeral),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wipe::All => "all",
+            Wipe::State => "state",
+            Wipe::Ephemeral => "ephemeral",
+        }
+    }
+
+    pub fn is_all(&self) -> bool {
+        *self == Wipe::All
+    }
+
+    /// Whether the config goes (and the node returns to maintenance mode).
+    pub fn forgets_config(self) -> bool {
+        self != Wipe::Ephemeral
+    }
+}
+
+impl std::fmt::Display for Wipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where a record write can be interrupted; fault-injection tests stop the
@@ -183,7 +264,7 @@ impl ConfigStore {
             trial: self
                 .read_opt(LEGACY_TRY)?
                 .and_then(|t| serde_json::from_str(&t).ok()),
-            resetting: false,
+            ..Record::default()
         };
         if legacy != Record::default() {
             // The record first, then the old files: a crash in between
@@ -305,6 +386,39 @@ mod tests {
         assert_eq!(r.trial.unwrap().deadline_unix_ms, 5);
         assert!(!d.path().join(LEGACY_CURRENT).exists());
         assert!(d.path().join(RECORD).exists());
+    }
+
+    #[test]
+    fn the_wipe_mode_is_kept_only_while_a_reset_needs_it() {
+        // A record of a machined from before wipe modes: a reset of all.
+        let old: Record =
+            serde_json::from_str(r#"{"generation": 4, "current": "c", "previous": null, "staged": null, "trial": null, "resetting": true}"#)
+                .unwrap();
+        assert!(old.resetting);
+        assert_eq!(old.wipe, Wipe::All);
+        assert!(!old.forget_etcd_bootstrap);
+        // Outside a non-`all` reset the record has the old shape, so an
+        // older machined (which refuses unknown fields) still reads it.
+        let json = serde_json::to_value(&old).unwrap();
+        assert!(json.get("wipe").is_none(), "{json}");
+        assert!(json.get("forget_etcd_bootstrap").is_none(), "{json}");
+        let eph = Record {
+            wipe: Wipe::Ephemeral,
+            forget_etcd_bootstrap: true,
+            ..old
+        };
+        let json = serde_json::to_value(&eph).unwrap();
+        assert_eq!(json["wipe"], "ephemeral");
+        assert_eq!(json["forget_etcd_bootstrap"], true);
+        let d = tempfile::tempdir().unwrap();
+        let s = ConfigStore::new(d.path().to_owned());
+        s.commit(&eph).unwrap();
+        assert_eq!(s.load().unwrap(), eph);
+        for w in [Wipe::All, Wipe::State, Wipe::Ephemeral] {
+            assert_eq!(Wipe::parse(w.as_str()), Some(w));
+        }
+        assert_eq!(Wipe::parse(""), Some(Wipe::All));
+        assert_eq!(Wipe::parse("everything"), None);
     }
 
     #[test]

@@ -15,8 +15,9 @@ use super::spec::HealthCheck;
 const INTERVAL: Duration = Duration::from_secs(1);
 /// Between checks until the first success.
 const STARTING_INTERVAL: Duration = Duration::from_millis(250);
-/// A check that takes longer has failed.
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// A check that takes longer has failed, unless the check says otherwise
+/// ([`HealthCheck::timeout`]).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Healthy as soon as the process runs: for services without a readiness
 /// signal.
@@ -64,9 +65,10 @@ impl Prober {
             // one instead of bunching them.
             let mut healthy_once = false;
             loop {
-                let result = match tokio::time::timeout(TIMEOUT, check.check()).await {
+                let limit = check.timeout();
+                let result = match tokio::time::timeout(limit, check.check()).await {
                     Ok(r) => r,
-                    Err(_) => Err(format!("health check timed out after {TIMEOUT:?}")),
+                    Err(_) => Err(format!("health check timed out after {limit:?}")),
                 };
                 healthy_once |= result.is_ok();
                 if tx.send(result).await.is_err() {

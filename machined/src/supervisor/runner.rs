@@ -31,6 +31,8 @@ use super::state_file::StateFile;
 use super::status::{ServiceState, ServiceStatus};
 
 /// Stop timeout of an adopted service whose spec is not known yet.
+/// Failed health checks in a row that make a healthy service unhealthy.
+const FAILURE_THRESHOLD: u32 = 3;
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a command's result goes.
@@ -339,6 +341,7 @@ impl Runner {
         let mut prober = self.spec.as_ref().map(|s| Prober::start(s.health.clone()));
         let mut prober_generation = self.spec_generation;
         let mut healthy_since: Option<Instant> = None;
+        let mut failures = 0u32;
         loop {
             tokio::select! {
                 outcome = wait(&mut process) => {
@@ -346,7 +349,7 @@ impl Runner {
                     return self.exited(process, outcome, healthy_since).await;
                 }
                 result = health::next_result(&mut prober) => {
-                    self.on_health(result, &mut healthy_since);
+                    self.on_health(result, &mut healthy_since, &mut failures);
                 }
                 cmd = self.commands.recv() => match cmd {
                     // The supervisor is gone (dropped or detached): leave
@@ -366,9 +369,20 @@ impl Runner {
         }
     }
 
-    fn on_health(&mut self, result: Result<(), String>, healthy_since: &mut Option<Instant>) {
+    /// A healthy service turns unhealthy only after
+    /// [`FAILURE_THRESHOLD`] failed checks in a row (Kubernetes probes'
+    /// default `failureThreshold`): one check that timed out on a loaded
+    /// node is not an outage, and flapping states made `osctl health
+    /// --wait` and dependents' gating see a healthy node as unhealthy.
+    fn on_health(
+        &mut self,
+        result: Result<(), String>,
+        healthy_since: &mut Option<Instant>,
+        failures: &mut u32,
+    ) {
         match result {
             Ok(()) => {
+                *failures = 0;
                 if healthy_since.is_none() {
                     tracing::info!(service = %self.name, "service healthy");
                     *healthy_since = Some(Instant::now());
@@ -376,6 +390,11 @@ impl Runner {
                 self.set_state(ServiceState::Healthy, String::new());
             }
             Err(reason) => {
+                *failures += 1;
+                if healthy_since.is_some() && *failures < FAILURE_THRESHOLD {
+                    tracing::debug!(service = %self.name, %reason, failures = *failures, "health check failed");
+                    return;
+                }
                 if healthy_since.take().is_some() {
                     tracing::warn!(service = %self.name, %reason, "service unhealthy");
                 }

@@ -20,6 +20,11 @@ use super::error::SupervisorError;
 #[async_trait]
 pub trait HealthCheck: Send + Sync {
     async fn check(&self) -> Result<(), String>;
+
+    /// How long one check may take before it counts as failed.
+    fn timeout(&self) -> std::time::Duration {
+        crate::supervisor::health::DEFAULT_TIMEOUT
+    }
 }
 
 /// A step run before every start and restart of a service, e.g. adding an

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use machine_api::proto::machine_service_client::MachineServiceClient;
 use machine_api::proto::{Empty, ResetRequest};
 
@@ -42,6 +42,42 @@ impl Power {
     }
 }
 
+/// What `osctl reset` wipes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WipeMode {
+    /// The config and all data (etcd, containerd, kubelet, secrets,
+    /// etcd snapshots); the node returns to maintenance mode.
+    All,
+    /// The config and the node's identity (secrets, kept certificates, the
+    /// bootstrap mark) and etcd data; the rest of /var (containerd's
+    /// images, kubelet's data, etcd snapshots, logs) stays. The node
+    /// returns to maintenance mode.
+    State,
+    /// The data on /var (etcd, containerd, kubelet); the config stays and
+    /// the services start afresh with it: an etcd member joins its cluster
+    /// again as a new member, a lone one starts a new, empty cluster.
+    Ephemeral,
+}
+
+impl WipeMode {
+    fn wire(self) -> &'static str {
+        match self {
+            WipeMode::All => "all",
+            WipeMode::State => "state",
+            WipeMode::Ephemeral => "ephemeral",
+        }
+    }
+
+    /// What was wiped and where the node is now.
+    fn done(self) -> &'static str {
+        match self {
+            WipeMode::All => "reset: config and all data wiped; the node is in maintenance mode",
+            WipeMode::State => "reset: config, identity and etcd data wiped (the rest of /var kept); the node is in maintenance mode",
+            WipeMode::Ephemeral => "reset: etcd, containerd and kubelet data wiped (config kept); the services are starting again with the same config",
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct Reset {
     #[command(flatten)]
@@ -49,24 +85,32 @@ pub struct Reset {
     /// Leave the etcd cluster first (recommended when other members remain).
     #[arg(long)]
     pub graceful: bool,
+    /// What to wipe.
+    #[arg(long, value_enum, default_value_t = WipeMode::All)]
+    pub wipe: WipeMode,
+    /// Wipe even when this node holds the last copy of its etcd cluster's
+    /// data (it is the only member, or etcd cannot say): without it, such
+    /// a reset is refused.
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl Reset {
     pub async fn run(self) -> Result<ExitCode> {
         let s = Session::mutual(&self.connect)?;
-        let graceful = self.graceful;
+        let req = ResetRequest {
+            graceful: self.graceful,
+            wipe: self.wipe.wire().into(),
+            force: self.force,
+        };
         let res = s
-            .call(|ch| async move {
-                rpc(MachineServiceClient::new(ch)
-                    .reset(ResetRequest { graceful })
-                    .await)
+            .call(|ch| {
+                let req = req.clone();
+                async move { rpc(MachineServiceClient::new(ch).reset(req).await) }
             })
             .await;
-        Ok(print(s.output, &res, &[], |_| {
-            vec![vec![
-                "reset: config and data wiped; the node is back in maintenance mode".into(),
-            ]]
-        }))
+        let done = self.wipe.done();
+        Ok(print(s.output, &res, &[], |_| vec![vec![done.into()]]))
     }
 }
 

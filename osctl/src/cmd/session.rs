@@ -53,6 +53,17 @@ impl Session {
         })
     }
 
+    /// The same connection settings for one of the targets, with another
+    /// per-call timeout: for verbs that go node by node.
+    pub fn only(&self, target: &str, timeout: Duration) -> Session {
+        Session {
+            targets: vec![target.to_owned()],
+            tls: self.tls.clone(),
+            timeout,
+            output: self.output,
+        }
+    }
+
     /// Calls every node at once.
     pub async fn call<T, F, Fut>(&self, f: F) -> Vec<(String, Result<T>)>
     where

@@ -2,14 +2,22 @@
 //! build`'s NAME-upgrade.tar) to each node. The bundle is checked here
 //! first (so a damaged file fails before it is sent), and again by every
 //! node, which also checks the signature against its trusted image keys.
+//!
+//! Nodes are upgraded one at a time: after a node takes the bundle and
+//! reboots, osctl waits (`--wait`) until it answers again from the new
+//! slot with every service healthy (an etcd member: etcd healthy, so it
+//! has a leader and serves reads) before the next node is touched. A node
+//! that comes back on its old slot (the new system never became healthy
+//! and systemd-boot fell back) stops the rollout with an error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use machine_api::proto::machine_service_client::MachineServiceClient;
-use machine_api::proto::UpgradeRequest;
+use machine_api::proto::{UpgradeRequest, UpgradeResponse};
 use tokio::io::AsyncReadExt;
 
 use super::session::{print, rpc, Session};
@@ -33,6 +41,11 @@ pub struct Upgrade {
     /// per-call --timeout is for quick calls).
     #[arg(long, default_value = "1800", value_name = "SECONDS")]
     pub upload_timeout: u64,
+    /// Seconds to wait for each node to come back healthy from the new
+    /// slot before the next node is upgraded; 0 sends the bundle to every
+    /// node at once and returns when they have taken it.
+    #[arg(long, default_value = "900", value_name = "SECONDS")]
+    pub wait: u64,
 }
 
 /// Checks the bundle's structure and every file against its manifest.
@@ -54,42 +67,44 @@ impl Upgrade {
             &local.manifest_sha256[..16],
             if local.signed { "signed" } else { "unsigned" }
         );
+        let call_timeout = self.connect.timeout;
         self.connect.timeout = self.connect.timeout.max(self.upload_timeout);
         let s = Session::mutual(&self.connect)?;
         let (image, stage) = (self.image.clone(), self.stage);
-        let res = s
-            .call(|ch| {
-                let image = image.clone();
-                async move {
-                    let file = tokio::fs::File::open(&image)
-                        .await
-                        .with_context(|| format!("--image {}", image.display()))?;
-                    let stream = futures::stream::unfold(
-                        (file, true, false),
-                        move |(mut file, first, done)| async move {
-                            if done {
-                                return None;
-                            }
-                            let mut buf = vec![0u8; CHUNK];
-                            let n = match file.read(&mut buf).await {
-                                Ok(0) if !first => return None,
-                                Ok(n) => n,
-                                // The node sees the stream end early and
-                                // refuses the truncated bundle.
-                                Err(_) => return None,
-                            };
-                            buf.truncate(n);
-                            let msg = UpgradeRequest {
-                                chunk: buf,
-                                stage: first && stage,
-                            };
-                            Some((msg, (file, false, n == 0)))
-                        },
-                    );
-                    rpc(MachineServiceClient::new(ch).upgrade(stream).await)
+        let res = if self.wait == 0 || stage {
+            s.call(|ch| send(ch, image.clone(), stage)).await
+        } else {
+            // One node at a time; a node that does not come back healthy
+            // on the new slot stops the rollout.
+            let mut res = Vec::new();
+            for (i, t) in s.targets.iter().enumerate() {
+                let one = s.only(t, Duration::from_secs(self.upload_timeout));
+                let mut r = one.call(|ch| send(ch, image.clone(), false)).await;
+                let (node, sent) = r.remove(0);
+                let done = match sent {
+                    Ok(reply) => {
+                        eprintln!("{node}: {}", reply.message);
+                        let check = s.only(t, Duration::from_secs(call_timeout));
+                        wait_back(&check, &reply, Duration::from_secs(self.wait))
+                            .await
+                            .map(|()| reply)
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = done.is_err();
+                res.push((node, done));
+                if failed {
+                    for rest in &s.targets[i + 1..] {
+                        res.push((
+                            rest.clone(),
+                            Err(anyhow::anyhow!("not upgraded: the rollout stopped at {t}")),
+                        ));
+                    }
+                    break;
                 }
-            })
-            .await;
+            }
+            res
+        };
         Ok(print(
             s.output,
             &res,
@@ -107,4 +122,99 @@ impl Upgrade {
             },
         ))
     }
+}
+
+/// Streams the bundle at `image` to the node on `ch`.
+async fn send(
+    ch: tonic::transport::Channel,
+    image: PathBuf,
+    stage: bool,
+) -> Result<UpgradeResponse> {
+    let file = tokio::fs::File::open(&image)
+        .await
+        .with_context(|| format!("--image {}", image.display()))?;
+    let stream = futures::stream::unfold(
+        (file, true, false),
+        move |(mut file, first, done)| async move {
+            if done {
+                return None;
+            }
+            let mut buf = vec![0u8; CHUNK];
+            let n = match file.read(&mut buf).await {
+                Ok(0) if !first => return None,
+                Ok(n) => n,
+                // The node sees the stream end early and refuses the
+                // truncated bundle.
+                Err(_) => return None,
+            };
+            buf.truncate(n);
+            let msg = UpgradeRequest {
+                chunk: buf,
+                stage: first && stage,
+            };
+            Some((msg, (file, false, n == 0)))
+        },
+    );
+    rpc(MachineServiceClient::new(ch).upgrade(stream).await)
+}
+
+/// Waits until the node rebooted (its uptime restarted after the upgrade
+/// was sent) and answers from the new slot with every service healthy.
+async fn wait_back(s: &Session, reply: &UpgradeResponse, limit: Duration) -> Result<()> {
+    let sent = Instant::now();
+    let deadline = sent + limit;
+    let mut last = String::from("no answer yet");
+    let mut rebooted = false;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let v = s.call(super::version::version).await.remove(0).1;
+        let v = match v {
+            Ok(v) => v,
+            Err(e) => {
+                last = format!("{e:#}");
+                continue;
+            }
+        };
+        // An uptime shorter than the time since the bundle was sent: this
+        // is the boot after the upgrade.
+        if !rebooted && Duration::from_millis(v.uptime_ms) < sent.elapsed() {
+            rebooted = true;
+            eprintln!(
+                "{}: back after the reboot, on slot {}",
+                s.targets[0], v.slot
+            );
+        }
+        if !rebooted {
+            last = "not rebooted yet".into();
+            continue;
+        }
+        if !reply.slot.is_empty() && v.slot != reply.slot {
+            bail!(
+                "the node came back on slot {} instead of {}: the new system did not become healthy and the node fell back (see `osctl health` for its last event)",
+                v.slot,
+                reply.slot
+            );
+        }
+        match s.call(super::health::health).await.remove(0).1 {
+            Ok(h) => match super::health::unhealthy(&h) {
+                None => {
+                    eprintln!(
+                        "{}: healthy on slot {} (image {}) after {:.0}s",
+                        s.targets[0],
+                        v.slot,
+                        v.image_version,
+                        sent.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
+                Some(why) => last = format!("unhealthy: {why}"),
+            },
+            Err(e) => last = format!("{e:#}"),
+        }
+    }
+    bail!(
+        "not healthy on slot {} within {} s (last: {last}); later nodes were not upgraded",
+        reply.slot,
+        limit.as_secs()
+    )
 }

@@ -100,6 +100,52 @@ fn commits(t: &Transition) -> Vec<&Record> {
         .collect()
 }
 
+fn reset(wipe: Wipe, force: bool, etcd: EtcdMember) -> Request {
+    Request::Reset {
+        graceful: false,
+        wipe,
+        force,
+        etcd,
+    }
+}
+
+/// A transition's steps by name, in order.
+fn kinds(t: &Transition) -> Vec<&'static str> {
+    t.steps
+        .iter()
+        .map(|s| match s {
+            Step::LeaveEtcd => "leave-etcd",
+            Step::Commit(_) => "commit",
+            Step::SetConfig(Some(_)) => "set-config",
+            Step::SetConfig(None) => "forget-config",
+            Step::WriteEtcFiles => "etc",
+            Step::ApplyKernelSettings => "kernel",
+            Step::Reconcile => "reconcile",
+            Step::WatchTry { .. } => "watch-try",
+            Step::StopTryWatch => "stop-try-watch",
+            Step::StopServices => "stop-services",
+            Step::WipeData { .. } => "wipe",
+            Step::EtcdBootstrap => "etcd-bootstrap",
+            Step::Note(_) => "note",
+            Step::AfterReply(Control::Reload) => "reload",
+            Step::AfterReply(_) => "after-reply",
+        })
+        .collect()
+}
+
+fn wiped(t: &Transition) -> Vec<(Wipe, bool)> {
+    t.steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::WipeData {
+                wipe,
+                forget_etcd_bootstrap,
+            } => Some((*wipe, *forget_etcd_bootstrap)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn after(t: &Transition) -> Vec<Control> {
     t.steps
         .iter()
@@ -306,7 +352,7 @@ fn power_requests_are_final() {
             Request::Reboot,
             Request::Shutdown,
             Request::Confirm,
-            Request::Reset { graceful: false },
+            reset(Wipe::All, false, EtcdMember::NoData),
             apply(cfg("b"), ApplyMode::Auto, Via::Authenticated),
         ] {
             assert!(plan(&now, req.clone(), &e).is_err(), "{phase:?} {req:?}");
@@ -322,13 +368,23 @@ fn power_requests_are_final() {
     )
     .is_err());
     assert!(plan(&now, Request::Reboot, &e).is_ok());
-    assert!(plan(&now, Request::Reset { graceful: false }, &e).is_ok());
+    assert!(plan(&now, reset(Wipe::All, false, EtcdMember::NoData), &e).is_ok());
 }
 
 #[test]
 fn reset_marks_first_then_wipes_then_forgets() {
     let e = env();
-    let t = plan(&configured("a"), Request::Reset { graceful: true }, &e).unwrap();
+    let t = plan(
+        &configured("a"),
+        Request::Reset {
+            graceful: true,
+            wipe: Wipe::All,
+            force: false,
+            etcd: EtcdMember::NoData,
+        },
+        &e,
+    )
+    .unwrap();
     assert!(matches!(t.steps[0], Step::LeaveEtcd));
     let c = commits(&t);
     assert_eq!(c.len(), 2);
@@ -343,7 +399,7 @@ fn reset_marks_first_then_wipes_then_forgets() {
     let wipe = t
         .steps
         .iter()
-        .position(|s| matches!(s, Step::WipeData))
+        .position(|s| matches!(s, Step::WipeData { .. }))
         .unwrap();
     let first = t
         .steps
@@ -357,6 +413,209 @@ fn reset_marks_first_then_wipes_then_forgets() {
         .unwrap();
     assert!(first < wipe && wipe < last);
     assert_eq!(t.phase, Phase::Maintenance);
+}
+
+#[test]
+fn each_wipe_mode_has_its_steps() {
+    let e = env();
+    let now = configured("a");
+    let others = EtcdMember::Member { others: 2 };
+    let forgetting = [
+        "commit",
+        "stop-try-watch",
+        "stop-services",
+        "wipe",
+        "commit",
+        "forget-config",
+        "etc",
+        "reconcile",
+        "reload",
+    ];
+    for wipe in [Wipe::All, Wipe::State] {
+        let t = plan(&now, reset(wipe, false, others.clone()), &e).unwrap();
+        assert_eq!(kinds(&t), forgetting, "{wipe}");
+        assert_eq!(wiped(&t), [(wipe, false)]);
+        let c = commits(&t);
+        assert!(c[0].resetting && c[0].current.is_some());
+        assert_eq!(c[0].wipe, wipe);
+        assert_eq!(
+            *c[1],
+            Record {
+                generation: 5,
+                ..Default::default()
+            }
+        );
+        assert_eq!(t.phase, Phase::Maintenance);
+    }
+
+    // Ephemeral: the config stays, the services start afresh with it, the
+    // API keeps its identity (no reload).
+    let t = plan(&now, reset(Wipe::Ephemeral, false, others.clone()), &e).unwrap();
+    assert_eq!(
+        kinds(&t),
+        [
+            "commit",
+            "stop-try-watch",
+            "stop-services",
+            "wipe",
+            "commit",
+            "note",
+            "set-config",
+            "etc",
+            "kernel",
+            "reconcile",
+        ]
+    );
+    // Other members remain: the bootstrap mark goes, so a founding member
+    // cannot found a second cluster.
+    assert_eq!(wiped(&t), [(Wipe::Ephemeral, true)]);
+    let c = commits(&t);
+    assert!(c[0].resetting);
+    assert_eq!(c[0].wipe, Wipe::Ephemeral);
+    assert!(c[0].forget_etcd_bootstrap);
+    assert_eq!(c[0].current, now.record.current);
+    assert_eq!(
+        *c[1],
+        Record {
+            generation: 5,
+            ..now.record.clone()
+        }
+    );
+    assert_eq!(t.phase, Phase::Configured);
+    assert!(after(&t).is_empty());
+
+    // --graceful: leave etcd before anything changes, in every mode.
+    for wipe in [Wipe::All, Wipe::State, Wipe::Ephemeral] {
+        let t = plan(
+            &now,
+            Request::Reset {
+                graceful: true,
+                wipe,
+                force: false,
+                etcd: others.clone(),
+            },
+            &e,
+        )
+        .unwrap();
+        assert_eq!(kinds(&t)[..2], ["leave-etcd", "commit"], "{wipe}");
+    }
+
+    // No config to keep, or a try pending: an ephemeral reset is refused.
+    for s in [maintenance(), trying()] {
+        let r = plan(&s, reset(Wipe::Ephemeral, true, EtcdMember::NoData), &e);
+        assert!(matches!(r, Err(Refusal::Precondition(_))), "{r:?}");
+    }
+    // Forgetting the config stays allowed during a try.
+    assert!(plan(&trying(), reset(Wipe::State, false, EtcdMember::NoData), &e).is_ok());
+}
+
+#[test]
+fn the_last_copy_of_etcd_data_is_wiped_only_with_force() {
+    let e = env();
+    let now = configured("a");
+    let last = EtcdMember::Member { others: 0 };
+    let unknown = EtcdMember::Unknown("error sending request\nconnection refused".into());
+    for wipe in [Wipe::All, Wipe::State, Wipe::Ephemeral] {
+        let Err(Refusal::Precondition(m)) = plan(&now, reset(wipe, false, last.clone()), &e) else {
+            panic!("{wipe}: the last member was wiped without --force");
+        };
+        assert!(
+            m.contains("last member") && m.contains("--force") && m.contains(wipe.as_str()),
+            "{m}"
+        );
+        assert!(!m.contains('\n'), "one line: {m}");
+        let Err(Refusal::Precondition(m)) = plan(&now, reset(wipe, false, unknown.clone()), &e)
+        else {
+            panic!("{wipe}: etcd could not tell, and the node wiped anyway");
+        };
+        assert!(
+            m.contains("connection refused") && m.contains("last copy") && m.contains("--force"),
+            "{m}"
+        );
+        assert!(!m.contains('\n'), "one line: {m}");
+        for etcd in [last.clone(), unknown.clone()] {
+            assert!(plan(&now, reset(wipe, true, etcd), &e).is_ok(), "{wipe}");
+        }
+        for etcd in [EtcdMember::NoData, EtcdMember::Member { others: 1 }] {
+            assert!(plan(&now, reset(wipe, false, etcd), &e).is_ok(), "{wipe}");
+        }
+    }
+    // A forced ephemeral reset of a lone member keeps the bootstrap mark
+    // (etcd founds a new, empty cluster); when etcd could not tell, the
+    // mark goes (never a second cluster beside a living one).
+    let t = plan(&now, reset(Wipe::Ephemeral, true, last), &e).unwrap();
+    assert_eq!(wiped(&t), [(Wipe::Ephemeral, false)]);
+    let t = plan(&now, reset(Wipe::Ephemeral, true, unknown), &e).unwrap();
+    assert_eq!(wiped(&t), [(Wipe::Ephemeral, true)]);
+    let t = plan(&now, reset(Wipe::Ephemeral, false, EtcdMember::NoData), &e).unwrap();
+    assert_eq!(wiped(&t), [(Wipe::Ephemeral, false)]);
+}
+
+#[test]
+fn an_unfinished_reset_finishes_with_its_own_wipe_mode() {
+    let e = env();
+    let c = cfg("a").to_yaml();
+    let marked = |wipe| Record {
+        generation: 7,
+        current: Some(c.clone()),
+        resetting: true,
+        wipe,
+        forget_etcd_bootstrap: wipe == Wipe::Ephemeral,
+        ..Default::default()
+    };
+    // After a crash: a start finishes it.
+    let t = at_start(&marked(Wipe::State), &e);
+    assert_eq!(t.phase, Phase::Maintenance);
+    assert_eq!(wiped(&t), [(Wipe::State, false)]);
+    assert_eq!(commits(&t)[0].current, None);
+    let t = at_start(&marked(Wipe::Ephemeral), &e);
+    assert_eq!(t.phase, Phase::Configured);
+    assert_eq!(wiped(&t), [(Wipe::Ephemeral, true)]);
+    assert_eq!(kinds(&t)[..3], ["stop-try-watch", "stop-services", "wipe"]);
+    let c1 = commits(&t);
+    assert_eq!(c1.len(), 1);
+    assert_eq!(
+        *c1[0],
+        Record {
+            generation: 8,
+            current: Some(c.clone()),
+            ..Default::default()
+        }
+    );
+    // A record from before wipe modes: everything.
+    let old: Record = serde_json::from_str(
+        r#"{"generation": 3, "current": null, "previous": null, "staged": null, "trial": null, "resetting": true}"#,
+    )
+    .unwrap();
+    assert_eq!(wiped(&at_start(&old, &e)), [(Wipe::All, false)]);
+
+    // After a failed step (no crash): a retry finishes the same reset,
+    // without asking etcd again or leaving it.
+    let now = Snapshot {
+        phase: Phase::Resetting,
+        record: marked(Wipe::Ephemeral),
+        config: Some(cfg("a")),
+    };
+    let r = plan(&now, reset(Wipe::All, false, EtcdMember::NoData), &e);
+    assert!(
+        matches!(&r, Err(Refusal::Precondition(m)) if m.contains("--wipe ephemeral")),
+        "{r:?}"
+    );
+    let t = plan(
+        &now,
+        Request::Reset {
+            graceful: true,
+            wipe: Wipe::Ephemeral,
+            force: false,
+            etcd: EtcdMember::Member { others: 0 },
+        },
+        &e,
+    )
+    .unwrap();
+    assert_eq!(kinds(&t)[..3], ["stop-try-watch", "stop-services", "wipe"]);
+    assert_eq!(wiped(&t), [(Wipe::Ephemeral, true)]);
+    assert!(!commits(&t)[0].resetting);
+    assert_eq!(t.phase, Phase::Configured);
 }
 
 #[test]
@@ -441,7 +700,13 @@ fn start_resolves_every_record() {
     };
     let t = at_start(&resetting, &e);
     assert_eq!(t.phase, Phase::Maintenance);
-    assert!(t.steps.iter().any(|s| matches!(s, Step::WipeData)));
+    assert!(t.steps.iter().any(|s| matches!(
+        s,
+        Step::WipeData {
+            wipe: Wipe::All,
+            ..
+        }
+    )));
     // An empty store: maintenance, nothing written.
     let t = at_start(&Record::default(), &e);
     assert_eq!(t.phase, Phase::Maintenance);
@@ -469,7 +734,10 @@ fn every_commit_of_every_transition_is_a_safe_restart_point() {
                 generation: 5,
                 reason: "t".into(),
             },
-            Request::Reset { graceful: false },
+            reset(Wipe::All, false, EtcdMember::NoData),
+            reset(Wipe::State, true, EtcdMember::Member { others: 0 }),
+            reset(Wipe::Ephemeral, false, EtcdMember::Member { others: 2 }),
+            reset(Wipe::Ephemeral, true, EtcdMember::Member { others: 0 }),
             Request::Refuse { reason: "r".into() },
         ]
     };

@@ -10,6 +10,11 @@ use async_trait::async_trait;
 
 use crate::supervisor::HealthCheck;
 
+/// kubeadm's probe timeout for the control-plane components: on a loaded
+/// node (three control planes under emulation, or a busy etcd) `/readyz`
+/// answers in seconds, and a 2 s limit made healthy API servers flap.
+const TIMEOUT: Duration = Duration::from_secs(15);
+
 #[derive(Debug)]
 pub struct HttpsHealth {
     client: reqwest::Client,
@@ -24,7 +29,7 @@ impl HttpsHealth {
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
             .use_rustls_tls()
-            .timeout(Duration::from_secs(2))
+            .timeout(TIMEOUT)
             .build()
             .map_err(|e| format!("health client: {e}"))?;
         Ok(HttpsHealth { client, url })
@@ -33,6 +38,10 @@ impl HttpsHealth {
 
 #[async_trait]
 impl HealthCheck for HttpsHealth {
+    fn timeout(&self) -> Duration {
+        TIMEOUT
+    }
+
     async fn check(&self) -> Result<(), String> {
         let r = self
             .client
