@@ -125,6 +125,29 @@ impl ClusterFiles {
         std::fs::write(&out, serde_norway::to_string(&doc).unwrap()).unwrap();
         out
     }
+    /// A gRPC channel to `ip`'s API with the osconfig's admin identity,
+    /// for tests that send what osctl would refuse to.
+    pub async fn channel(&self, ip: &str) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let cfg = machine_api::osconfig::OsConfig::parse(
+            &std::fs::read_to_string(self.path("osconfig")).unwrap(),
+        )
+        .unwrap();
+        let ctx = &cfg.contexts[&cfg.context];
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ctx.ca))
+            .identity(Identity::from_pem(&ctx.crt, &ctx.key))
+            .domain_name(ip);
+        Endpoint::from_shared(format!("https://{ip}:50000"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .timeout(Duration::from_secs(60))
+            .connect()
+            .await
+            .unwrap()
+    }
+
     /// Runs osctl against `nodes` with this cluster's client file.
     pub fn osctl(&self, nodes: &[&str], args: &[&str]) -> Run {
         let mut a: Vec<&str> = args.to_vec();

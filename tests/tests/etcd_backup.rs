@@ -11,11 +11,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use machine_api::osconfig::OsConfig;
 use machine_api::proto::etcd_service_client::EtcdServiceClient;
 use machine_api::proto::EtcdRecoverRequest;
 use node_tests::{require, run, wait_until, ClusterFiles, Machined};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const IP: &str = "127.0.11.1";
 
@@ -31,20 +29,7 @@ async fn upload(
     size: u64,
     sha256: String,
 ) -> Result<String, tonic::Status> {
-    let cfg = OsConfig::parse(&std::fs::read_to_string(files.path("osconfig")).unwrap()).unwrap();
-    let ctx = &cfg.contexts[&cfg.context];
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ctx.ca))
-        .identity(Identity::from_pem(&ctx.crt, &ctx.key))
-        .domain_name(IP);
-    let ch = Endpoint::from_shared(format!("https://{IP}:50000"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
+    let ch = files.channel(IP).await;
     let mut msgs: Vec<EtcdRecoverRequest> = data
         .chunks(4096)
         .map(|c| EtcdRecoverRequest {

@@ -8,15 +8,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use machine_api::image_signature::SigningKey;
-use machine_api::osconfig::OsConfig;
 use machine_api::proto::machine_service_client::MachineServiceClient;
 use machine_api::proto::UpgradeRequest;
 use node_tests::{osctl, require, ClusterFiles, Machined};
 use sha2::Digest;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const FILES: [(&str, &str, &[u8]); 3] = [
     ("t-vmlinuz", "kernel", b"a kernel"),
@@ -70,20 +66,7 @@ fn bundle(key: Option<&SigningKey>, tamper: bool) -> Vec<u8> {
 
 /// Sends `data` as an upgrade in small chunks; the status message or Ok.
 async fn offer(files: &ClusterFiles, ip: &str, data: Vec<u8>) -> Result<String, tonic::Status> {
-    let cfg = OsConfig::parse(&std::fs::read_to_string(files.path("osconfig")).unwrap()).unwrap();
-    let ctx = &cfg.contexts[&cfg.context];
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ctx.ca))
-        .identity(Identity::from_pem(&ctx.crt, &ctx.key))
-        .domain_name(ip);
-    let ch = Endpoint::from_shared(format!("https://{ip}:50000"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(60))
-        .connect()
-        .await
-        .unwrap();
+    let ch = files.channel(ip).await;
     let chunks: Vec<UpgradeRequest> = data
         .chunks(7)
         .map(|c| UpgradeRequest {

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 use machine_api::proto::machine_service_client::MachineServiceClient;
-use machine_api::proto::DmesgRequest;
+use machine_api::proto::{DmesgRequest, LogLine};
 
-use super::session::{rpc, Session};
+use super::session::{print_streams, rpc, Session};
 use crate::client::ConnectArgs;
 
 #[derive(Debug, Args)]
@@ -29,37 +29,15 @@ impl Dmesg {
             self.connect.timeout = u64::MAX / 4;
         }
         let s = Session::mutual(&self.connect)?;
-        let multi = s.targets.len() > 1;
         let req = DmesgRequest {
             follow: self.follow,
             tail: self.tail,
         };
-        let res = s
-            .call_named(|node, ch| {
-                let prefix = if multi {
-                    format!("{node}: ")
-                } else {
-                    String::new()
-                };
-                async move {
-                    let mut stream = rpc(MachineServiceClient::new(ch).dmesg(req).await)?;
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(l)) => println!("{prefix}{}", l.line),
-                            Ok(None) => return Ok(()),
-                            Err(e) => return Err(anyhow::anyhow!(crate::client::status_line(&e))),
-                        }
-                    }
-                }
-            })
-            .await;
-        let mut code = ExitCode::SUCCESS;
-        for (node, r) in res {
-            if let Err(e) = r {
-                eprintln!("error: node {node}: {e:#}");
-                code = ExitCode::FAILURE;
-            }
-        }
-        Ok(code)
+        Ok(print_streams(
+            &s,
+            |ch| async move { rpc(MachineServiceClient::new(ch).dmesg(req).await) },
+            |l: &LogLine| l.line.clone(),
+        )
+        .await)
     }
 }

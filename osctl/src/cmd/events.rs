@@ -7,7 +7,7 @@ use clap::Args;
 use machine_api::proto::machine_service_client::MachineServiceClient;
 use machine_api::proto::{EventsRequest, NodeEvent};
 
-use super::session::{rpc, Session};
+use super::session::{print_streams, rpc, Session};
 use crate::client::ConnectArgs;
 
 #[derive(Debug, Args)]
@@ -47,37 +47,15 @@ impl Events {
             self.connect.timeout = u64::MAX / 4;
         }
         let s = Session::mutual(&self.connect)?;
-        let multi = s.targets.len() > 1;
         let req = EventsRequest {
             follow: self.follow,
             tail: self.tail,
         };
-        let res = s
-            .call_named(|node, ch| {
-                let prefix = if multi {
-                    format!("{node}: ")
-                } else {
-                    String::new()
-                };
-                async move {
-                    let mut stream = rpc(MachineServiceClient::new(ch).events(req).await)?;
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(e)) => println!("{prefix}{}", line(&e)),
-                            Ok(None) => return Ok(()),
-                            Err(e) => return Err(anyhow::anyhow!(crate::client::status_line(&e))),
-                        }
-                    }
-                }
-            })
-            .await;
-        let mut code = ExitCode::SUCCESS;
-        for (node, r) in res {
-            if let Err(e) = r {
-                eprintln!("error: node {node}: {e:#}");
-                code = ExitCode::FAILURE;
-            }
-        }
-        Ok(code)
+        Ok(print_streams(
+            &s,
+            |ch| async move { rpc(MachineServiceClient::new(ch).events(req).await) },
+            line,
+        )
+        .await)
     }
 }

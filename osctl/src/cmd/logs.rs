@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 use machine_api::proto::service_service_client::ServiceServiceClient;
-use machine_api::proto::LogsRequest;
+use machine_api::proto::{LogLine, LogsRequest};
 
-use super::session::{rpc, Session};
+use super::session::{print_streams, rpc, Session};
 use crate::client::ConnectArgs;
 
 #[derive(Debug, Args)]
@@ -31,39 +31,19 @@ impl Logs {
             self.connect.timeout = u64::MAX / 4;
         }
         let s = Session::mutual(&self.connect)?;
-        let multi = s.targets.len() > 1;
         let req = LogsRequest {
             service: self.service.clone(),
             tail: self.tail,
             follow: self.follow,
         };
-        let res = s
-            .call_named(|node, ch| {
+        Ok(print_streams(
+            &s,
+            |ch| {
                 let req = req.clone();
-                let prefix = if multi {
-                    format!("{node}: ")
-                } else {
-                    String::new()
-                };
-                async move {
-                    let mut stream = rpc(ServiceServiceClient::new(ch).logs(req).await)?;
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(l)) => println!("{prefix}{}", l.line),
-                            Ok(None) => return Ok(()),
-                            Err(e) => return Err(anyhow::anyhow!(crate::client::status_line(&e))),
-                        }
-                    }
-                }
-            })
-            .await;
-        let mut code = ExitCode::SUCCESS;
-        for (node, r) in res {
-            if let Err(e) = r {
-                eprintln!("error: node {node}: {e:#}");
-                code = ExitCode::FAILURE;
-            }
-        }
-        Ok(code)
+                async move { rpc(ServiceServiceClient::new(ch).logs(req).await) }
+            },
+            |l: &LogLine| l.line.clone(),
+        )
+        .await)
     }
 }

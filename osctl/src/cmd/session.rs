@@ -127,6 +127,50 @@ pub fn rpc<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Resu
         .map_err(|s| anyhow::Error::new(RpcError(s)))
 }
 
+/// Prints every message of a server stream opened on each node (`logs`,
+/// `dmesg`, `events`) as one line, prefixed with the node when there are
+/// several, until each stream ends; failures go to stderr naming the node,
+/// and the exit code is 1 when any node failed.
+pub async fn print_streams<T, F, Fut>(
+    s: &Session,
+    open: F,
+    line: impl Fn(&T) -> String + Copy,
+) -> ExitCode
+where
+    F: Fn(Channel) -> Fut,
+    Fut: Future<Output = Result<tonic::Streaming<T>>>,
+{
+    let multi = s.targets.len() > 1;
+    let res = s
+        .call_named(|node, ch| {
+            let prefix = if multi {
+                format!("{node}: ")
+            } else {
+                String::new()
+            };
+            let opened = open(ch);
+            async move {
+                let mut stream = opened.await?;
+                loop {
+                    match stream.message().await {
+                        Ok(Some(m)) => println!("{prefix}{}", line(&m)),
+                        Ok(None) => return Ok(()),
+                        Err(e) => return Err(anyhow::anyhow!(client::status_line(&e))),
+                    }
+                }
+            }
+        })
+        .await;
+    let mut code = ExitCode::SUCCESS;
+    for (node, r) in res {
+        if let Err(e) = r {
+            eprintln!("error: node {node}: {e:#}");
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
+}
+
 #[derive(Serialize)]
 struct NodeOutcome<'a, T: Serialize> {
     node: &'a str,
