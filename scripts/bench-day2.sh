@@ -55,7 +55,7 @@ ctl() {
     --cert "$certs/client.crt" --key "$certs/client.key" "$@"
 }
 # ~1 MiB values (etcd's request limit is 1.5 MiB).
-head -c 1000000 /dev/urandom | base64 -w0 | head -c 1000000 > "$out/value"
+python3 -c 'import base64, os, sys; sys.stdout.write(base64.b64encode(os.urandom(750000)).decode())' > "$out/value"
 for i in $(seq "$size_mb"); do ctl put "k$i" < "$out/value" >/dev/null; done
 printf 'keyspace: %d keys of 1 MB\n' "$size_mb"
 
