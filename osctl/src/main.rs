@@ -52,6 +52,10 @@ enum Command {
     /// What machined did: config applied, service state changes, resets,
     /// upgrades, renewals; `-f` follows.
     Events(cmd::events::Events),
+    /// Write one archive for a bug report: version, redacted config,
+    /// services, boot timeline, etcd status, logs, events and kernel log
+    /// of each node.
+    Support(cmd::support::Support),
     /// This boot's timeline: guest uptime at each phase (init, disks,
     /// network, config, each service healthy).
     #[command(alias = "analyze")]
@@ -114,6 +118,7 @@ async fn run_node_verb(c: Command) -> anyhow::Result<ExitCode> {
         Command::Logs(l) => l.run().await,
         Command::Dmesg(d) => d.run().await,
         Command::Events(e) => e.run().await,
+        Command::Support(s) => s.run().await,
         Command::Health(h) => h.run().await,
         Command::Boot(b) => b.run().await,
         Command::Bootstrap(b) => b.run().await,

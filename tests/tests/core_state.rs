@@ -81,9 +81,17 @@ fn maintenance_takeover_race_is_closed() {
         let wins = wins.load(Ordering::SeqCst);
         assert_eq!(wins, 0, "attempt {attempt}: an attacker's apply succeeded");
         // Refused for the token, for the closed listener, or because the
-        // listener has gone (the configured API has another certificate;
-        // a connection accepted just before the listener closed is reset).
-        assert!(!refusals.is_empty());
+        // listener has gone: the configured API has another certificate,
+        // and a connection caught while the listener is replaced breaks
+        // (reset, refused, or an HTTP/2 stream cut off), all at the
+        // transport level. The attackers racing the operator without the
+        // token were refused for it.
+        assert!(
+            refusals
+                .iter()
+                .any(|r| r.contains("token missing or wrong")),
+            "attempt {attempt}: no refusal for the token: {refusals:?}"
+        );
         for r in &refusals {
             assert!(
                 r.contains("token missing or wrong")
@@ -91,6 +99,8 @@ fn maintenance_takeover_race_is_closed() {
                     || r.contains("fingerprint")
                     || r.contains("connect")
                     || r.contains("Connection reset")
+                    || r.contains("Connection refused")
+                    || r.contains("h2 protocol error")
                     || r.contains("transport error"),
                 "{r}"
             );

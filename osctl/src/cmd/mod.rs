@@ -17,6 +17,7 @@ pub mod logs;
 pub mod power;
 pub mod services;
 pub mod session;
+pub mod support;
 pub mod upgrade;
 pub mod validate;
 pub mod version;

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use machine_api::proto::machine_service_client::MachineServiceClient;
-use machine_api::proto::{UpgradeRequest, UpgradeResponse};
+use machine_api::proto::{UpgradeRequest, UpgradeResponse, VersionResponse};
 use tokio::io::AsyncReadExt;
 
-use super::session::{print, rpc, Session};
+use super::session::{print, rpc, RpcError, Session};
 use crate::client::ConnectArgs;
 
 /// Bytes per message: well under the gRPC default message limit (4 MiB).
@@ -77,17 +77,46 @@ impl Upgrade {
             // One node at a time; a node that does not come back healthy
             // on the new slot stops the rollout.
             let mut res = Vec::new();
+            let want = Want {
+                version: local.manifest.image_version.clone(),
+                slot: None,
+            };
             for (i, t) in s.targets.iter().enumerate() {
                 let one = s.only(t, Duration::from_secs(self.upload_timeout));
+                let check = s.only(t, Duration::from_secs(call_timeout));
+                let limit = Duration::from_secs(self.wait);
+                let started = Instant::now();
                 let mut r = one.call(|ch| send(ch, image.clone(), false)).await;
                 let (node, sent) = r.remove(0);
                 let done = match sent {
                     Ok(reply) => {
                         eprintln!("{node}: {}", reply.message);
-                        let check = s.only(t, Duration::from_secs(call_timeout));
-                        wait_back(&check, &reply, Duration::from_secs(self.wait))
+                        let want = Want {
+                            slot: Some(reply.slot.clone()).filter(|s| !s.is_empty()),
+                            ..want.clone()
+                        };
+                        wait_back(&check, &want, started, limit)
                             .await
-                            .map(|()| reply)
+                            .map(|_| reply)
+                    }
+                    // The connection dropped after the upload: the node may
+                    // have installed the bundle and rebooted before its
+                    // answer got out. Which version it boots tells.
+                    Err(e) if maybe_installed(&e) => {
+                        eprintln!(
+                            "{node}: no answer after the upload ({e:#}); waiting to see which version it boots"
+                        );
+                        wait_back(&check, &want, started, limit)
+                            .await
+                            .map(|v| UpgradeResponse {
+                                slot: v.slot.clone(),
+                                running_slot: v.slot.clone(),
+                                message: format!(
+                                    "running {} on slot {} (the node's answer to the upload was lost)",
+                                    v.image_version, v.slot
+                                ),
+                                ..Default::default()
+                            })
                     }
                     Err(e) => Err(e),
                 };
@@ -158,54 +187,88 @@ async fn send(
     rpc(MachineServiceClient::new(ch).upgrade(stream).await)
 }
 
-/// Waits until the node rebooted (its uptime restarted after the upgrade
-/// was sent) and answers from the new slot with every service healthy.
-async fn wait_back(s: &Session, reply: &UpgradeResponse, limit: Duration) -> Result<()> {
-    let sent = Instant::now();
-    let deadline = sent + limit;
+/// What a node must come back running.
+#[derive(Clone, Debug)]
+struct Want {
+    /// The bundle's image version (empty in bundles that do not record it).
+    version: String,
+    /// The slot the node said it installed into, when its answer arrived.
+    slot: Option<String>,
+}
+
+/// A failed upload call that may still have installed the bundle: the
+/// connection broke (no status from the node, or a transport one), as
+/// when the node reboots before its answer is through.
+fn maybe_installed(e: &anyhow::Error) -> bool {
+    matches!(
+        RpcError::code_of(e),
+        None | Some(tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+    )
+}
+
+/// Waits until the node rebooted (its uptime is shorter than the time
+/// since the upload started) and answers running what `want` says with
+/// every service healthy; the node's version when it does.
+async fn wait_back(
+    s: &Session,
+    want: &Want,
+    started: Instant,
+    limit: Duration,
+) -> Result<VersionResponse> {
+    let waiting = Instant::now();
+    let deadline = waiting + limit;
     let mut last = String::from("no answer yet");
     let mut rebooted = false;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let v = s.call(super::version::version).await.remove(0).1;
-        let v = match v {
+        let v = match s.call(super::version::version).await.remove(0).1 {
             Ok(v) => v,
             Err(e) => {
                 last = format!("{e:#}");
                 continue;
             }
         };
-        // An uptime shorter than the time since the bundle was sent: this
-        // is the boot after the upgrade.
-        if !rebooted && Duration::from_millis(v.uptime_ms) < sent.elapsed() {
+        if !rebooted && Duration::from_millis(v.uptime_ms) < started.elapsed() {
             rebooted = true;
             eprintln!(
-                "{}: back after the reboot, on slot {}",
-                s.targets[0], v.slot
+                "{}: back after the reboot, on slot {} running {}",
+                s.targets[0], v.slot, v.image_version
             );
         }
         if !rebooted {
             last = "not rebooted yet".into();
             continue;
         }
-        if !reply.slot.is_empty() && v.slot != reply.slot {
+        let wrong_slot = want.slot.as_ref().is_some_and(|w| *w != v.slot);
+        let wrong_version = !want.version.is_empty() && want.version != v.image_version;
+        if wrong_slot || wrong_version {
             bail!(
-                "the node came back on slot {} instead of {}: the new system did not become healthy and the node fell back (see `osctl health` for its last event)",
+                "the node came back on slot {} running {} instead of {}{}: the new system did not become healthy and the node fell back (see `osctl events` and `osctl health`)",
                 v.slot,
-                reply.slot
+                v.image_version,
+                want.slot
+                    .as_ref()
+                    .map(|w| format!("slot {w} "))
+                    .unwrap_or_default(),
+                if want.version.is_empty() {
+                    "the bundle".to_owned()
+                } else {
+                    format!("the bundle's {}", want.version)
+                }
             );
         }
         match s.call(super::health::health).await.remove(0).1 {
             Ok(h) => match super::health::unhealthy(&h) {
                 None => {
                     eprintln!(
-                        "{}: healthy on slot {} (image {}) after {:.0}s",
+                        "{}: healthy on slot {} (image {}) {:.1}s after the upload ended, {:.1}s after it began",
                         s.targets[0],
                         v.slot,
                         v.image_version,
-                        sent.elapsed().as_secs_f64()
+                        waiting.elapsed().as_secs_f64(),
+                        started.elapsed().as_secs_f64()
                     );
-                    return Ok(());
+                    return Ok(v);
                 }
                 Some(why) => last = format!("unhealthy: {why}"),
             },
@@ -213,8 +276,12 @@ async fn wait_back(s: &Session, reply: &UpgradeResponse, limit: Duration) -> Res
         }
     }
     bail!(
-        "not healthy on slot {} within {} s (last: {last}); later nodes were not upgraded",
-        reply.slot,
+        "not back healthy running {} within {} s (last: {last}); later nodes were not upgraded",
+        if want.version.is_empty() {
+            "the bundle"
+        } else {
+            want.version.as_str()
+        },
         limit.as_secs()
     )
 }
