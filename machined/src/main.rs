@@ -225,8 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let node = Node::new(opts, supervisor.clone(), tx);
     node.boot().await?;
-    spawn_state_printer(&supervisor, timeline);
-    spawn_service_events(&supervisor, node.clone());
+    spawn_state_printer(&supervisor, timeline, node.clone());
     tokio::spawn(node.clone().renew_etcd_certificates());
     tokio::spawn(node.clone().snapshot_etcd_on_schedule());
     tokio::spawn(machined::pod_network::run(node.clone()));
@@ -267,10 +266,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Service state changes on the console, as they happen.
-/// Each service's first healthy state of this boot goes on the timeline.
-/// Service state changes into the node's event log (`osctl events`).
-fn spawn_service_events(supervisor: &Supervisor, node: std::sync::Arc<Node>) {
+/// Service state changes on the console and in the node's event log
+/// (`osctl events`), as they happen. Each service's first healthy state
+/// of this boot goes on the timeline.
+fn spawn_state_printer(
+    supervisor: &Supervisor,
+    timeline: machined::timeline::Timeline,
+    node: std::sync::Arc<Node>,
+) {
     let mut rx = supervisor.subscribe();
     tokio::spawn(async move {
         loop {
@@ -281,30 +284,9 @@ fn spawn_service_events(supervisor: &Supervisor, node: std::sync::Arc<Node>) {
                     } else {
                         format!(": {}", s.message)
                     };
-                    node.events
-                        .record("service", format!("{} {}{msg}", s.name, s.state));
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => node
-                    .events
-                    .record("service", format!("({n} service changes not recorded)")),
-                Err(_) => return,
-            }
-        }
-    });
-}
-
-fn spawn_state_printer(supervisor: &Supervisor, timeline: machined::timeline::Timeline) {
-    let mut rx = supervisor.subscribe();
-    tokio::spawn(async move {
-        loop {
-            match rx.recv().await {
-                Ok(s) => {
-                    let msg = if s.message.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", s.message)
-                    };
-                    eprintln!("[service] {} {}{msg}", s.name, s.state);
+                    let line = format!("{} {}{msg}", s.name, s.state);
+                    eprintln!("[service] {line}");
+                    node.events.record("service", line);
                     if s.state == machined::supervisor::ServiceState::Healthy {
                         let phase = format!("{} healthy", s.name);
                         if !timeline.has(&phase) {
@@ -312,7 +294,9 @@ fn spawn_state_printer(supervisor: &Supervisor, timeline: machined::timeline::Ti
                         }
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => node
+                    .events
+                    .record("service", format!("({n} service changes not recorded)")),
                 Err(_) => return,
             }
         }
