@@ -255,6 +255,27 @@ fn sigkill_of_etcd_restarts_it_and_sigkill_of_machined_keeps_it() {
     );
     let s = files.osctl(&[ip], &["services"]).expect_ok();
     assert!(s.stdout.contains("(adopted)"), "{}", s.text());
+    // The events of the killed machined were kept (journal on /var/log):
+    // the first run's bootstrap and etcd restart, then the second run's
+    // start.
+    let ev = files.osctl(&[ip], &["events"]).expect_ok();
+    let pos = |needle: &str| {
+        ev.stdout
+            .find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in the events:\n{}", ev.text()))
+    };
+    let killed = pos("service  etcd failed: killed by signal 9");
+    assert!(pos("request  etcd bootstrap") < killed);
+    let runs: Vec<_> = ev
+        .stdout
+        .match_indices("note     machined ")
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        runs.len() == 2 && runs[0] < killed && killed < runs[1],
+        "two runs of machined in the events:\n{}",
+        ev.stdout
+    );
     // The restart count survived machined's restart.
     assert!(
         s.stdout

@@ -323,4 +323,14 @@ fn disk_image_boots_through_uefi_and_keeps_config_and_etcd_data_across_reboot() 
         "the first boot's etcd log is gone after the reboot:\n{}",
         logs.text()
     );
+    // So are machined's events: the first boot's bootstrap, then the
+    // second boot's start.
+    let ev = files.osctl(&[&node], &["events"]).expect_ok();
+    let bootstrap = ev.stdout.find("request  etcd bootstrap");
+    let last_start = ev.stdout.rfind("note     machined ");
+    assert!(
+        bootstrap.is_some() && last_start.is_some() && bootstrap < last_start,
+        "the first boot's events are gone after the reboot:\n{}",
+        ev.text()
+    );
 }

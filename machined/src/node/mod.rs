@@ -188,6 +188,10 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// The events journal, in the log directory (EPHEMERAL): kept by every
+/// reset mode that keeps the logs.
+pub const EVENTS_JOURNAL: &str = "machined-events.log";
+
 /// This boot's identity: a `try` outlives a machined restart but not a reboot.
 pub(crate) fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -209,6 +213,12 @@ impl Node {
         // Requests queue briefly behind a running transition; a full queue
         // means the core is stuck, and callers are told so.
         let (requests, inbox) = mpsc::channel(64);
+        let events =
+            crate::events::Events::with_journal(&opts.paths.log_dir().join(EVENTS_JOURNAL));
+        events.record(
+            "note",
+            format!("machined {} started", env!("CARGO_PKG_VERSION")),
+        );
         Arc::new(Node {
             timeline: crate::timeline::Timeline::new(opts.paths.timeline_file()),
             facts: std::sync::RwLock::new(Facts {
@@ -225,7 +235,7 @@ impl Node {
             inbox: std::sync::Mutex::new(Some(inbox)),
             control,
             last_event: std::sync::Mutex::new(None),
-            events: crate::events::Events::new(),
+            events,
             role_problems: std::sync::Mutex::new(Vec::new()),
             started: Instant::now(),
         })
