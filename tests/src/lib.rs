@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod prometheus;
+pub mod test_bundle;
+
 /// A workspace binary, next to the test executable's `deps/` directory.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -854,4 +857,40 @@ pub fn set_nofile_of(pid: u32, soft: u64, hard: u64) {
         )
     };
     assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// `python3 -m http.server` serving a directory, stopped when dropped.
+#[derive(Debug)]
+pub struct HttpServer {
+    child: std::process::Child,
+    /// IP:PORT it listens on.
+    pub addr: String,
+}
+
+impl HttpServer {
+    pub fn start(dir: &std::path::Path, ip: &str) -> Self {
+        let port = free_port();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", ip])
+            .arg("--directory")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("{ip}:{port}");
+        wait_until(
+            std::time::Duration::from_secs(20),
+            "the HTTP server",
+            || std::net::TcpStream::connect(&addr).is_ok(),
+        );
+        HttpServer { child, addr }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -11,104 +11,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use machine_api::osconfig::OsConfig;
 use machine_api::pki::bundle::{os_client_cert, OsRole, SecretsBundle};
 use machine_api::pki::{LeafSpec, Usage};
+use node_tests::prometheus::{curl, has, operator_curl_files, parse, python};
 use node_tests::{bootstrapped_node, require, status_kib, wait_until};
-
-/// Reads OpenMetrics text on stdin with both of prometheus_client's
-/// parsers (either raising fails the check) and prints every sample of the
-/// strict OpenMetrics parse as JSON: `[[name, labels, value], ...]`.
-const PARSE: &str = r#"
-import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as om
-from prometheus_client.parser import text_string_to_metric_families as classic
-text = sys.stdin.read()
-list(classic(text))
-out = []
-for family in om(text):
-    for s in family.samples:
-        out.append([s.name, s.labels, s.value])
-print(json.dumps(out))
-"#;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `$PYTHON_CHECKERS`, else the workspace's `target/pyenv` (both made by
-/// scripts/test.sh), when it has prometheus_client.
-fn python() -> Option<PathBuf> {
-    std::env::var_os("PYTHON_CHECKERS")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([workspace().join("target/pyenv/bin/python")])
-        .find(|p| {
-            Command::new(p)
-                .args([
-                    "-c",
-                    "import prometheus_client.parser, prometheus_client.openmetrics.parser",
-                ])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-}
-
-/// The samples of `text`, as the parsers read them.
-fn parse(python: &Path, text: &str) -> Vec<(String, serde_json::Value, f64)> {
-    use std::io::Write;
-    let mut child = Command::new(python)
-        .args(["-c", PARSE])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the parsers refused the metrics: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let samples: Vec<(String, serde_json::Value, f64)> =
-        serde_json::from_slice(&out.stdout).unwrap();
-    samples
-}
-
-/// curl with `args`; (success, stdout, stderr).
-fn curl(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn has(
-    samples: &[(String, serde_json::Value, f64)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Option<f64> {
-    samples
-        .iter()
-        .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l[*k] == *v))
-        .map(|(_, _, v)| *v)
-}
 
 #[test]
 fn metrics_over_mutual_tls() {
@@ -124,20 +32,8 @@ fn metrics_over_mutual_tls() {
     let (files, node) = bootstrapped_node(tmp.path(), ip);
 
     // The operator's identity (os:admin) as files for curl.
-    let cfg = OsConfig::parse(&std::fs::read_to_string(files.path("osconfig")).unwrap()).unwrap();
-    let ctx = &cfg.contexts[&cfg.context];
     let dir = tmp.path().join("curl");
-    std::fs::create_dir_all(&dir).unwrap();
-    for (name, pem) in [
-        ("ca.crt", &ctx.ca),
-        ("client.crt", &ctx.crt),
-        ("client.key", &ctx.key),
-    ] {
-        std::fs::write(dir.join(name), pem).unwrap();
-    }
-    let ca = dir.join("ca.crt").display().to_string();
-    let crt = dir.join("client.crt").display().to_string();
-    let key = dir.join("client.key").display().to_string();
+    let [ca, crt, key] = operator_curl_files(&files, &dir);
     let url = format!("https://{ip}:50002/metrics");
     let scrape_args = |extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = ["--cacert", &ca, "--cert", &crt, "--key", &key]

@@ -26,7 +26,7 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
         return;
     };
 
-    let (api, etcd) = (free_port(), free_port());
+    let (api, etcd, metrics) = (free_port(), free_port(), free_port());
     let serial = tmp.path().join("serial.log");
     let started = Instant::now();
     let _vm = Vm(Command::new("qemu-system-x86_64")
@@ -54,7 +54,7 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
         .args([
             "-netdev",
             &format!(
-                "user,id=n0,hostfwd=tcp:127.0.0.1:{api}-:50000,hostfwd=tcp:127.0.0.1:{etcd}-:2379"
+                "user,id=n0,hostfwd=tcp:127.0.0.1:{api}-:50000,hostfwd=tcp:127.0.0.1:{etcd}-:2379,hostfwd=tcp:127.0.0.1:{metrics}-:50002"
             ),
         ])
         .args(["-device", "virtio-net-pci,netdev=n0"])
@@ -125,6 +125,7 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
         "{}",
         dmesg.text()
     );
+    scrape_metrics(&files, tmp.path(), metrics);
     let m = files.osctl(&[&node], &["etcd", "members"]).expect_ok();
     assert!(
         m.stdout.contains("vm-1") && m.stdout.contains("https://10.0.2.15:2380"),
@@ -193,6 +194,54 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
     eprintln!(
         "etcd snapshot of {} bytes in {snapshot_s:.1}s; recovery to healthy in {recover_s:.1}s (TCG)",
         std::fs::metadata(&snap).unwrap().len()
+    );
+}
+
+/// The booted node's metrics over mutual TLS (curl with the operator's
+/// certificate, the node's name as the server's), parsed by the Prometheus
+/// project's own parsers; without a client certificate, nothing.
+fn scrape_metrics(files: &ClusterFiles, tmp: &std::path::Path, port: u16) {
+    use node_tests::prometheus::{curl, has, operator_curl_files, parse, python};
+    let python =
+        python().expect("python with prometheus_client (scripts/test.sh makes target/pyenv)");
+    let [ca, crt, key] = operator_curl_files(files, &tmp.join("curl"));
+    let to = format!("10.0.2.15:50002:127.0.0.1:{port}");
+    let url = "https://10.0.2.15:50002/metrics";
+    let (ok, text, err) = curl(&[
+        "--connect-to",
+        &to,
+        "--cacert",
+        &ca,
+        "--cert",
+        &crt,
+        "--key",
+        &key,
+        url,
+    ]);
+    assert!(ok, "scrape over mutual TLS failed: {err}");
+    let samples = parse(&python, &text);
+    assert_eq!(
+        has(
+            &samples,
+            "machined_service_state",
+            &[("service", "etcd"), ("state", "healthy")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        has(&samples, "machined_etcd_has_leader", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    let (ok, text, _) = curl(&["--connect-to", &to, "--cacert", &ca, url]);
+    assert!(
+        !ok && !text.contains("machined_"),
+        "served without a client certificate: {text}"
+    );
+    eprintln!(
+        "metrics: {} samples scraped over mTLS from the VM",
+        samples.len()
     );
 }
 

@@ -222,7 +222,8 @@ fn upgrade_falls_back_from_a_broken_image_then_upgrades_and_rolls_back() {
     let cfg_now = files.osctl(&[&node], &["get", "config"]).expect_ok();
     assert!(cfg_now.stdout.contains("up-1"), "{}", cfg_now.text());
 
-    // 4. v2.
+    // 4. v2, from a URL (osctl downloads it once, then streams it).
+    let web = node_tests::HttpServer::start(&v2, "127.0.0.1");
     let t0 = Instant::now();
     let up = files
         .osctl(
@@ -230,10 +231,12 @@ fn upgrade_falls_back_from_a_broken_image_then_upgrades_and_rolls_back() {
             &[
                 "upgrade",
                 "--image",
-                v2.join("qemu-upgrade.tar").to_str().unwrap(),
+                &format!("http://{}/qemu-upgrade.tar", web.addr),
             ],
         )
         .expect_ok();
+    drop(web);
+    assert!(up.stderr.contains("downloaded"), "{}", up.text());
     // It returned once the node answered healthy from slot B; its own
     // count of that wait splits the time.
     let total = t0.elapsed();

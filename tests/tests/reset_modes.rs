@@ -69,6 +69,22 @@ fn the_last_etcd_member_needs_force_and_an_ephemeral_reset_keeps_the_config() {
             r.text()
         );
     }
+    // An upgrade that would wipe the data first is refused the same way,
+    // before anything is sent.
+    let b = tmp.path().join("bundle.tar");
+    std::fs::write(&b, node_tests::test_bundle::bundle(None, false)).unwrap();
+    let r = files
+        .osctl(
+            &[ip],
+            &[
+                "upgrade",
+                "--image",
+                b.to_str().unwrap(),
+                "--preserve=false",
+            ],
+        )
+        .expect_err("pass --force");
+    assert!(r.stderr.contains("--preserve=false"), "{}", r.text());
     // Refused by the node itself, and nothing changed.
     let e = raw_reset(&files, ip, ResetRequest::default()).unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
@@ -166,6 +182,45 @@ fn a_graceful_reset_of_one_member_of_three_leaves_a_healthy_pair() {
     }
     let m = files.osctl(&[ips[0]], &["etcd", "members"]).expect_ok();
     assert_eq!(m.stdout.lines().count(), 4, "{}", m.text());
+
+    // `upgrade --preserve=false` of n1: it leaves etcd, wipes its data and
+    // joins again as a new member, healthy, before the bundle goes out (a
+    // host-mode node then refuses it: no slot to write). etcd refuses to
+    // remove a member right after a join, so this is retried until it
+    // agrees (nothing is wiped before it does).
+    let b = tmp.path().join("bundle.tar");
+    std::fs::write(&b, node_tests::test_bundle::bundle(None, false)).unwrap();
+    let id_of = |name: &str| -> String {
+        let m = files.osctl(&[ips[0]], &["etcd", "members"]).expect_ok();
+        m.stdout
+            .lines()
+            .find(|l| l.contains(name))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let n1_before = id_of("n1");
+    let mut last = String::new();
+    wait_until(Duration::from_secs(30), "n1 wiped for its upgrade", || {
+        let r = files.osctl(
+            &[ips[1]],
+            &[
+                "upgrade",
+                "--image",
+                b.to_str().unwrap(),
+                "--preserve=false",
+            ],
+        );
+        last = r.text();
+        last.contains("wiped its data")
+    });
+    assert!(last.contains("host mode"), "{last}");
+    let n1_after = id_of("n1");
+    assert!(
+        !n1_after.is_empty() && n1_after != n1_before,
+        "n1 should be a new member: {n1_before} then {n1_after}"
+    );
+    files.osctl(&[ips[1]], &["health"]).expect_ok();
 
     // Other members remain: no --force needed. etcd refuses to remove a
     // member that could cost quorum right after a join ("unhealthy

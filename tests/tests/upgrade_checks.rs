@@ -4,65 +4,17 @@
 //! key, an unsigned one, one with a byte changed after signing, and junk
 //! are each refused naming the check that failed. The bundles go over the
 //! API with a plain gRPC client, so the node's checks are tested, not
-//! osctl's (osctl checks a bundle before it sends it: tested too).
+//! osctl's (osctl checks a bundle before it sends it: tested too, as is
+//! `--image URL` against a real HTTP server).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use machine_api::image_signature::SigningKey;
 use machine_api::proto::machine_service_client::MachineServiceClient;
 use machine_api::proto::UpgradeRequest;
+use node_tests::test_bundle::bundle;
 use node_tests::{osctl, require, ClusterFiles, Machined};
 use sha2::Digest;
-
-const FILES: [(&str, &str, &[u8]); 3] = [
-    ("t-vmlinuz", "kernel", b"a kernel"),
-    ("t-boot-initrd.cpio.zst", "boot-initrd", b"a boot initramfs"),
-    ("t-root.squashfs", "root", b"a root filesystem"),
-];
-
-fn manifest() -> Vec<u8> {
-    let outputs: Vec<serde_json::Value> = FILES
-        .iter()
-        .map(|(path, kind, data)| {
-            serde_json::json!({
-                "path": path, "kind": kind, "size": data.len(),
-                "sha256": hex::encode(sha2::Sha256::digest(data)),
-            })
-        })
-        .collect();
-    serde_json::to_vec_pretty(&serde_json::json!({
-        "profile": {"name": "t", "sha256": "00"},
-        "imagerVersion": "0.1.0",
-        "kernel": {"version": "6.12", "cmdline": "console=ttyS0"},
-        "outputs": outputs,
-    }))
-    .unwrap()
-}
-
-/// A bundle: the manifest, its signature by `key` (if any), the files.
-/// `tamper` changes a byte of the root file after signing.
-fn bundle(key: Option<&SigningKey>, tamper: bool) -> Vec<u8> {
-    let m = manifest();
-    let mut b = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, data: &[u8]| {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        b.append_data(&mut h, name, data).unwrap();
-    };
-    add("manifest.json", &m);
-    if let Some(k) = key {
-        add("manifest.json.sig", &k.sign(&m));
-    }
-    for (name, kind, data) in FILES {
-        let mut d = data.to_vec();
-        if tamper && kind == "root" {
-            d[0] ^= 1;
-        }
-        add(name, &d);
-    }
-    b.into_inner().unwrap()
-}
 
 /// Sends `data` as an upgrade in small chunks; the status message or Ok.
 async fn offer(files: &ClusterFiles, ip: &str, data: Vec<u8>) -> Result<String, tonic::Status> {
@@ -153,6 +105,44 @@ async fn a_node_refuses_bundles_that_fail_a_check_and_names_the_check() {
     files
         .osctl(&[ip], &["upgrade", "--image", good.to_str().unwrap()])
         .expect_err("host mode");
+
+    // The same bundles from a URL: downloaded once, then checked here and
+    // by the node exactly as files are. A real HTTP server (Python's).
+    let web = node_tests::HttpServer::start(tmp.path(), ip);
+    let url = |name: &str| format!("http://{}/{name}", web.addr);
+    let by_url = files
+        .osctl(&[ip], &["upgrade", "--image", &url("good.tar")])
+        .expect_err("host mode");
+    assert!(by_url.stderr.contains("downloaded"), "{}", by_url.text());
+    let good_sha = hex::encode(sha2::Sha256::digest(std::fs::read(&good).unwrap()));
+    files
+        .osctl(
+            &[ip],
+            &[
+                "upgrade",
+                "--image",
+                &url("good.tar"),
+                "--sha256",
+                &good_sha,
+            ],
+        )
+        .expect_err("host mode");
+    files
+        .osctl(&[ip], &["upgrade", "--image", &url("bad.tar")])
+        .expect_err("file check failed: t-root.squashfs");
+    files
+        .osctl(&[ip], &["upgrade", "--image", &url("missing.tar")])
+        .expect_err("the server answered HTTP 404");
+    // A pin that does not match refuses the download, and a local file.
+    let other_sha = "0".repeat(64);
+    for image in [url("good.tar"), good.to_str().unwrap().to_owned()] {
+        files
+            .osctl(
+                &[ip],
+                &["upgrade", "--image", &image, "--sha256", &other_sha],
+            )
+            .expect_err("--sha256 says");
+    }
     // The node is as it was.
     files.osctl(&[ip], &["version"]).expect_ok();
     drop(node);

@@ -1,5 +1,6 @@
-//! `osctl upgrade --image FILE`: streams an upgrade bundle (`imager
-//! build`'s NAME-upgrade.tar) to each node. The bundle is checked here
+//! `osctl upgrade --image FILE|URL`: streams an upgrade bundle (`imager
+//! build`'s NAME-upgrade.tar; a URL is downloaded first, see
+//! [`download`]) to each node. The bundle is checked here
 //! first (so a damaged file fails before it is sent), and again by every
 //! node, which also checks the signature against its trusted image keys.
 //!
@@ -17,11 +18,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use machine_api::proto::machine_service_client::MachineServiceClient;
-use machine_api::proto::{UpgradeRequest, UpgradeResponse, VersionResponse};
+use machine_api::proto::{ResetRequest, UpgradeRequest, UpgradeResponse, VersionResponse};
 use tokio::io::AsyncReadExt;
 
 use super::session::{print, rpc, RpcError, Session};
 use crate::client::ConnectArgs;
+
+pub mod download;
 
 /// Bytes per message: well under the gRPC default message limit (4 MiB).
 const CHUNK: usize = 1 << 20;
@@ -30,13 +33,29 @@ const CHUNK: usize = 1 << 20;
 pub struct Upgrade {
     #[command(flatten)]
     pub connect: ConnectArgs,
-    /// The upgrade bundle (NAME-upgrade.tar from `imager build`).
+    /// The upgrade bundle (NAME-upgrade.tar from `imager build`): a file,
+    /// or an http(s) URL, downloaded once into $TMPDIR for every node.
+    #[arg(long, value_name = "FILE|URL")]
+    pub image: String,
+    /// The bundle's expected sha256 (hex): a download or file that differs
+    /// is refused before any node sees it.
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+    /// Extra CA certificates (PEM) to trust for an https --image URL,
+    /// besides the public web roots.
     #[arg(long, value_name = "FILE")]
-    pub image: PathBuf,
+    pub image_ca: Option<PathBuf>,
     /// Install into the other slot but do not reboot: the next reboot
     /// starts the new version.
     #[arg(long)]
     pub stage: bool,
+    /// Keep each node's data on /var (etcd, containerd, kubelet) across
+    /// the upgrade: the default. `--preserve=false` makes each node leave
+    /// etcd and wipe that data first (`reset --graceful --wipe ephemeral`:
+    /// refused on the last etcd member) and wait healthy again, so the new
+    /// version starts from an empty /var; it needs --wait and no --stage.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub preserve: bool,
     /// Seconds a node has for the whole transfer and install (the
     /// per-call --timeout is for quick calls).
     #[arg(long, default_value = "1800", value_name = "SECONDS")]
@@ -48,21 +67,82 @@ pub struct Upgrade {
     pub wait: u64,
 }
 
-/// Checks the bundle's structure and every file against its manifest.
-fn check_locally(path: &std::path::Path) -> Result<machine_api::image_bundle::Verified> {
-    let f = std::fs::File::open(path).with_context(|| format!("--image {}", path.display()))?;
-    machine_api::image_bundle::read(std::io::BufReader::new(f), &[], &mut |_, r| {
+/// Checks the bundle's structure and every file against its manifest
+/// (and the whole file against `pin`); `name` is what the user gave.
+fn check_locally(
+    path: &std::path::Path,
+    name: &str,
+    pin: Option<&str>,
+) -> Result<machine_api::image_bundle::Verified> {
+    let f = std::fs::File::open(path).with_context(|| format!("--image {name}"))?;
+    let mut hashing = HashingReader {
+        inner: std::io::BufReader::new(f),
+        hash: <sha2::Sha256 as sha2::Digest>::new(),
+    };
+    let verified = machine_api::image_bundle::read(&mut hashing, &[], &mut |_, r| {
         std::io::copy(r, &mut std::io::sink()).map(drop)
     })
-    .with_context(|| format!("--image {}", path.display()))
+    .with_context(|| format!("--image {name}"))?;
+    if let Some(want) = pin {
+        // Whatever follows the tar's end counts too.
+        std::io::copy(&mut hashing, &mut std::io::sink())
+            .with_context(|| format!("--image {name}"))?;
+        let got = hex::encode(sha2::Digest::finalize(hashing.hash));
+        if !got.eq_ignore_ascii_case(want.trim()) {
+            bail!("--image {name}: its sha256 is {got}, --sha256 says {want}: refused");
+        }
+    }
+    Ok(verified)
+}
+
+/// Hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
+    }
 }
 
 impl Upgrade {
     pub async fn run(mut self) -> Result<ExitCode> {
-        let local = check_locally(&self.image)?;
+        if !self.preserve && (self.stage || self.wait == 0) {
+            bail!("--preserve=false wipes each node's data just before its upgrade, one node at a time: it cannot be combined with --stage or --wait 0");
+        }
+        // A URL is fetched once; the temporary file lives until the end.
+        let (path, _download) = if download::is_url(&self.image) {
+            let d = download::download(
+                &self.image,
+                self.sha256.as_deref(),
+                self.image_ca.as_deref(),
+                download::MAX_BUNDLE_BYTES,
+            )
+            .await?;
+            (d.path().to_owned(), Some(d))
+        } else {
+            (PathBuf::from(&self.image), None)
+        };
+        // The download was already checked against the pin.
+        let pin = if _download.is_some() {
+            None
+        } else {
+            self.sha256.as_deref()
+        };
+        let local = check_locally(&path, &self.image, pin)?;
+        if self.image.starts_with("http://") && self.sha256.is_none() && !local.signed {
+            eprintln!(
+                "warning: {} is an unsigned bundle over plain http with no --sha256: nothing tells whether it was replaced on the way; sign images (imager build --sign) or pin them",
+                self.image
+            );
+        }
         eprintln!(
             "{}: upgrade bundle of {} (manifest sha256 {}), {}",
-            self.image.display(),
+            self.image,
             local.manifest.profile.name,
             &local.manifest_sha256[..16],
             if local.signed { "signed" } else { "unsigned" }
@@ -70,7 +150,7 @@ impl Upgrade {
         let call_timeout = self.connect.timeout;
         self.connect.timeout = self.connect.timeout.max(self.upload_timeout);
         let s = Session::mutual(&self.connect)?;
-        let (image, stage) = (self.image.clone(), self.stage);
+        let (image, stage) = (path, self.stage);
         let res = if self.wait == 0 || stage {
             s.call(|ch| send(ch, image.clone(), stage)).await
         } else {
@@ -85,6 +165,18 @@ impl Upgrade {
                 let one = s.only(t, Duration::from_secs(self.upload_timeout));
                 let check = s.only(t, Duration::from_secs(call_timeout));
                 let limit = Duration::from_secs(self.wait);
+                if !self.preserve {
+                    if let Err(e) = wipe_first(&check, limit).await {
+                        res.push((t.clone(), Err(e)));
+                        for rest in &s.targets[i + 1..] {
+                            res.push((
+                                rest.clone(),
+                                Err(anyhow::anyhow!("not upgraded: the rollout stopped at {t}")),
+                            ));
+                        }
+                        break;
+                    }
+                }
                 let started = Instant::now();
                 let mut r = one.call(|ch| send(ch, image.clone(), false)).await;
                 let (node, sent) = r.remove(0);
@@ -151,6 +243,43 @@ impl Upgrade {
             },
         ))
     }
+}
+
+/// `--preserve=false`: the node leaves etcd and wipes its data on /var
+/// (the node refuses when it holds the last copy of etcd's data), then
+/// osctl waits until its services are healthy again with the same config.
+async fn wipe_first(s: &Session, limit: Duration) -> Result<()> {
+    let node = &s.targets[0];
+    let req = ResetRequest {
+        graceful: true,
+        wipe: "ephemeral".into(),
+        force: false,
+    };
+    s.call(|ch| {
+        let req = req.clone();
+        async move { rpc(MachineServiceClient::new(ch).reset(req).await) }
+    })
+    .await
+    .remove(0)
+    .1
+    .with_context(|| format!("--preserve=false: wiping {node}'s data before its upgrade"))?;
+    eprintln!("{node}: left etcd and wiped its data on /var (--preserve=false); waiting for it to be healthy again");
+    let deadline = Instant::now() + limit;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        match s.call(super::health::health).await.remove(0).1 {
+            Ok(h) => match super::health::unhealthy(&h) {
+                None => return Ok(()),
+                Some(why) => last = format!("unhealthy: {why}"),
+            },
+            Err(e) => last = format!("{e:#}"),
+        }
+    }
+    bail!(
+        "--preserve=false: {node} was wiped but not healthy again within {} s (last: {last}); it was not upgraded",
+        limit.as_secs()
+    )
 }
 
 /// Streams the bundle at `image` to the node on `ch`.
