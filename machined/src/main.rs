@@ -227,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     node.boot().await?;
     spawn_state_printer(&supervisor, timeline, node.clone());
     tokio::spawn(node.clone().renew_etcd_certificates());
+    tokio::spawn(node.clone().renew_kubernetes_certificates());
     tokio::spawn(node.clone().snapshot_etcd_on_schedule());
     tokio::spawn(machined::pod_network::run(node.clone()));
 

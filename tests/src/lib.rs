@@ -277,6 +277,16 @@ impl Machined {
         self.spawn();
     }
 
+    /// [`restart`](Self::restart) with `key` set to `value` in its
+    /// environment (or removed when `None`), kept for later restarts.
+    pub fn restart_with_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
+        self.restart();
+    }
+
     /// Waits until the banner shows configured mode (after the server restarts
     /// with the new identity).
     pub fn wait_configured(&self) {

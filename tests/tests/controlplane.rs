@@ -298,6 +298,53 @@ fn control_plane_in_host_mode() {
         )
         .expect_ok();
     files.osctl(&[ip], &["health", "--wait", "180"]).expect_ok();
+
+    // Renewal on the running node. machined restarted with renewal due 20 s
+    // before a year is up, so every leaf minted before that is due: it
+    // mints the files again and restarts the components with them (the
+    // controller-manager gets a new PID: it reads its kubeconfig only at
+    // start), the API server serves a new certificate, and answers.
+    let served = || {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("{ip}:6443")])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        machine_api::pki::pem::first_cert_der(&out.stdout)
+            .map(|d| d.to_vec())
+            .unwrap_or_default()
+    };
+    let pid = |name: &str| -> i64 {
+        let out = files
+            .osctl(&[ip], &["service", name, "-o", "json"])
+            .expect_ok();
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v[0]["result"]["pid"].as_i64().unwrap_or(0)
+    };
+    let (cert_before, cm_before) = (served(), pid("kube-controller-manager"));
+    assert!(!cert_before.is_empty());
+    let mut node = node;
+    node.restart_with_env("MACHINED_RENEW_BEFORE", Some("31535980"));
+    wait_until(
+        Duration::from_secs(60),
+        "control-plane certificates renewed",
+        || {
+            files
+                .osctl(&[ip], &["events"])
+                .stdout
+                .contains("control-plane certificates renewed")
+        },
+    );
+    node.restart_with_env("MACHINED_RENEW_BEFORE", None);
+    files.osctl(&[ip], &["health", "--wait", "180"]).expect_ok();
+    assert_ne!(
+        served(),
+        cert_before,
+        "the API server serves the old certificate"
+    );
+    assert_ne!(pid("kube-controller-manager"), cm_before);
+    let ready = kubectl(&bins, &kc, &["get", "--raw", "/readyz"]).expect_ok();
+    assert_eq!(ready.stdout.trim(), "ok");
 }
 
 /// Without Kubernetes binaries, the controlplane role says which are

@@ -44,7 +44,7 @@ fn openssl(args: &[&str], cert: &Path) -> String {
 fn workers_get_kubelet_and_kube_proxy_certificates_and_nothing_else() {
     require!("etcd", "containerd", "runc", "openssl");
     let tmp = tempfile::tempdir().unwrap();
-    let cp = "127.0.7.11";
+    let cp = "127.0.19.11";
     let (files, _node) = bootstrapped_node(tmp.path(), cp);
     let bundle: machine_api::pki::bundle::SecretsBundle =
         serde_norway::from_str(&std::fs::read_to_string(files.path("secrets.yaml")).unwrap())

@@ -36,7 +36,7 @@ async fn offer(files: &ClusterFiles, ip: &str, data: Vec<u8>) -> Result<String, 
 async fn a_node_refuses_bundles_that_fail_a_check_and_names_the_check() {
     require!("etcd", "containerd", "runc");
     let tmp = tempfile::tempdir().unwrap();
-    let ip = "127.0.7.1";
+    let ip = "127.0.18.1";
     let keys = tmp.path().join("keys");
     osctl(&["gen", "signing-key", "-o", keys.to_str().unwrap()]).expect_ok();
     let trusted_pem = std::fs::read_to_string(keys.join("image-signing.pub")).unwrap();

@@ -11,6 +11,7 @@ pub mod boot;
 mod core;
 pub mod etcd_backup_ops;
 pub mod etcd_ops;
+pub mod kube_renewal;
 pub mod plan;
 
 use std::net::{IpAddr, SocketAddr};

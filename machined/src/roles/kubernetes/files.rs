@@ -3,8 +3,9 @@
 //! service-account key pair, kubeconfigs, the encryption, audit and
 //! authentication configs. All under one private directory; written
 //! atomically, and minted again when the inputs change or a certificate
-//! is due for renewal (the components read their files at start, so a
-//! changed file set changes the specs' hash and restarts them).
+//! is due for renewal. The components read their files at start, so each
+//! minting gets a new generation, carried in the specs' environment: a
+//! changed generation changes the specs' hash and restarts them.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -24,8 +25,11 @@ pub const ROLE: &str = "controlplane";
 #[derive(Clone, Debug)]
 pub struct KubeFiles {
     pub dir: PathBuf,
-    /// Every certificate and key written, for the spec hash.
+    /// Every input the files are minted from, hashed.
     pub stamp: String,
+    /// When they were last minted (unix nanoseconds): new with every
+    /// minting, renewals included, so the services restart with them.
+    pub generation: String,
 }
 
 impl KubeFiles {
@@ -136,13 +140,17 @@ pub fn ensure(cfg: &MachineConfig, ctx: &RoleContext) -> Result<KubeFiles, RoleE
         cfg.cluster.control_plane.endpoint.0,
     );
     let stamp = hex::encode(Sha256::digest(&inputs));
-    let files = KubeFiles { dir, stamp };
+    let files = KubeFiles {
+        generation: std::fs::read_to_string(dir.join("generation")).unwrap_or_default(),
+        dir,
+        stamp,
+    };
     let stamp_file = files.file("minted-for");
     let same = std::fs::read_to_string(&stamp_file).unwrap_or_default() == files.stamp
         && files.file("scheduler.conf").exists();
-    let due =
-        next_renewal(&files, ctx.renew_before).is_none_or(|t| t <= std::time::SystemTime::now());
-    if same && !due {
+    let due = next_renewal(&files.dir, ctx.renew_before)
+        .is_none_or(|t| t <= std::time::SystemTime::now());
+    if same && !due && !files.generation.is_empty() {
         return Ok(files);
     }
     let write = |name: &str, text: &str, mode: u32| {
@@ -225,18 +233,26 @@ pub fn ensure(cfg: &MachineConfig, ctx: &RoleContext) -> Result<KubeFiles, RoleE
     )?;
     write("audit-policy.yaml", AUDIT_POLICY, 0o644)?;
     write("authentication.yaml", AUTHENTICATION, 0o644)?;
+    // The generation before the stamp that says the set is complete: a
+    // crash in between mints again at the next start.
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos().to_string())
+        .unwrap_or_default();
+    write("generation", &generation, 0o600)?;
     write("minted-for", &files.stamp, 0o600)?;
     if same {
         tracing::info!("control-plane certificates renewed");
     }
-    Ok(files)
+    Ok(KubeFiles {
+        generation,
+        ..files
+    })
 }
 
-/// The earliest renewal time of the minted leaf certificates.
-pub fn next_renewal(
-    files: &KubeFiles,
-    before: std::time::Duration,
-) -> Option<std::time::SystemTime> {
+/// The earliest renewal time of the leaf certificates minted in `dir`
+/// (none while one is missing).
+pub fn next_renewal(dir: &Path, before: std::time::Duration) -> Option<std::time::SystemTime> {
     let mut earliest: Option<std::time::SystemTime> = None;
     for name in [
         "apiserver",
@@ -246,7 +262,7 @@ pub fn next_renewal(
         "scheduler",
         "controller-manager",
     ] {
-        let pem = std::fs::read_to_string(files.file(&format!("{name}.crt"))).ok()?;
+        let pem = std::fs::read_to_string(dir.join(format!("{name}.crt"))).ok()?;
         let t = machine_api::pki::renewal_time(&pem, before)?;
         earliest = Some(earliest.map_or(t, |e| e.min(t)));
     }

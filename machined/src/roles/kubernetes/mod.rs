@@ -98,8 +98,12 @@ fn spec(
         argv,
         env: vec![
             ("PATH".into(), ctx.service_path()),
-            // Minted files are read at start: new ones restart the service.
-            ("MACHINED_KUBE_FILES".into(), files.stamp.clone()),
+            // Minted files are read at start: new ones (other inputs, or a
+            // renewal) restart the service.
+            (
+                "MACHINED_KUBE_FILES".into(),
+                format!("{}.{}", files.stamp, files.generation),
+            ),
         ],
         cwd: Some(files.dir.clone()),
         depends_on,

@@ -230,15 +230,7 @@ pub fn services(cfg: &MachineConfig, ctx: &RoleContext) -> Result<Vec<ServiceSpe
             .map(Arc::new)
             .map_err(err)
     };
-    let identity = Identities {
-        cfg: Arc::new(cfg.clone()),
-        dir: dir.clone(),
-        node: NodeIdentity {
-            name: ctx.node.name.clone(),
-            addresses: vec![ctx.node.ip],
-        },
-        renew_before: ctx.renew_before,
-    };
+    let identity = Identities::new(cfg, ctx);
     let mut argv = vec![bins[0].display().to_string()];
     argv.extend(kubelet_args);
     let kubelet = ServiceSpec {
@@ -285,7 +277,79 @@ struct Identities {
     renew_before: Duration,
 }
 
+/// The certificates the cluster CA signs for a worker: (file name, what
+/// it is, the kind the trust endpoint signs, the service that reads it).
+fn certificates(
+    node: &NodeIdentity,
+) -> [(
+    &'static str,
+    LeafSpec,
+    KubernetesCertificateKind,
+    &'static str,
+); 2] {
+    [
+        (
+            "serving",
+            leaves::kubelet_serving(node),
+            KubernetesCertificateKind::KubeletServing,
+            KUBELET,
+        ),
+        (
+            "kube-proxy",
+            leaves::kube_proxy(),
+            KubernetesCertificateKind::KubeProxy,
+            KUBE_PROXY,
+        ),
+    ]
+}
+
+/// The earliest renewal time of the worker certificates on this node
+/// (none before they exist).
+pub fn next_renewal(ctx: &RoleContext) -> Option<std::time::SystemTime> {
+    let dir = dir_of(&ctx.paths);
+    ["serving", "kube-proxy"]
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(dir.join(format!("{n}.crt"))).ok())
+        .filter_map(|pem| machine_api::pki::renewal_time(&pem, ctx.renew_before))
+        .min()
+}
+
+/// Renews, while the services keep running on the old ones, every worker
+/// certificate that is due (or no longer fits the config), and returns the
+/// services to restart so that they read the new ones. A certificate the
+/// node never had is left to its service's start. When the trust endpoint
+/// does not answer, this fails and nothing is restarted: the services go
+/// on with certificates that are still valid, and the caller tries again.
+pub async fn renew_due(
+    cfg: &MachineConfig,
+    ctx: &RoleContext,
+    progress: &Progress,
+) -> Result<Vec<&'static str>, String> {
+    let id = Identities::new(cfg, ctx);
+    let mut renewed = Vec::new();
+    for (name, spec, kind, service) in certificates(&id.node) {
+        if !id.dir.join(format!("{name}.crt")).exists() || id.kept(name, &spec) {
+            continue;
+        }
+        id.ensure(name, spec, kind, progress).await?;
+        renewed.push(service);
+    }
+    Ok(renewed)
+}
+
 impl Identities {
+    fn new(cfg: &MachineConfig, ctx: &RoleContext) -> Self {
+        Identities {
+            cfg: Arc::new(cfg.clone()),
+            dir: dir_of(&ctx.paths),
+            node: NodeIdentity {
+                name: ctx.node.name.clone(),
+                addresses: vec![ctx.node.ip],
+            },
+            renew_before: ctx.renew_before,
+        }
+    }
+
     /// A kept certificate that still fits `spec` and is not due.
     fn kept(&self, name: &str, spec: &LeafSpec) -> bool {
         let (Ok(cert), Ok(_)) = (
@@ -469,6 +533,52 @@ mod tests {
             host_mode: false,
             renew_before: Duration::from_secs(30 * 86400),
         }
+    }
+
+    #[tokio::test]
+    async fn due_certificates_are_renewed_in_place_and_their_services_named() {
+        use machine_api::config::generate::{machine_config, ClusterInput};
+        use machine_api::config::Role;
+        let tmp = tempfile::tempdir().unwrap();
+        let bundle = machine_api::pki::bundle::SecretsBundle::generate().unwrap();
+        let input = ClusterInput {
+            name: "t".parse().unwrap(),
+            endpoint: "https://10.5.0.10:6443".parse().unwrap(),
+            kubernetes_version: "1.35.4".parse().unwrap(),
+            install_disk: None,
+        };
+        // A control plane that is also a worker holds the CA key: the
+        // certificates are minted here, no trust endpoint needed.
+        let cfg = machine_config(&bundle, &input, &[Role::Controlplane, Role::Worker]);
+        let mut c = ctx(tmp.path());
+        let quiet = |_: String| {};
+        // Nothing minted yet: left to the services' start.
+        assert!(next_renewal(&c).is_none());
+        assert!(renew_due(&cfg, &c, &quiet).await.unwrap().is_empty());
+        let id = Identities::new(&cfg, &c);
+        std::fs::create_dir_all(&id.dir).unwrap();
+        for (name, spec, kind, _) in certificates(&id.node) {
+            id.ensure(name, spec, kind, &quiet).await.unwrap();
+        }
+        let read = |n: &str| std::fs::read_to_string(id.dir.join(n)).unwrap();
+        let before = (read("serving.crt"), read("kube-proxy.crt"));
+        // Not due: nothing renewed; the next renewal is 30 days before
+        // the end of a year.
+        assert!(renew_due(&cfg, &c, &quiet).await.unwrap().is_empty());
+        let left = next_renewal(&c)
+            .unwrap()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap();
+        assert!(left > Duration::from_secs(300 * 86400), "{left:?}");
+        // Due (renewing a year ahead): both signed again, both services
+        // named for a restart.
+        c.renew_before = Duration::from_secs(366 * 86400);
+        assert_eq!(
+            renew_due(&cfg, &c, &quiet).await.unwrap(),
+            [KUBELET, KUBE_PROXY]
+        );
+        assert_ne!(read("serving.crt"), before.0);
+        assert_ne!(read("kube-proxy.crt"), before.1);
     }
 
     #[test]
