@@ -55,7 +55,48 @@ enum Seen {
     Fatal,
 }
 
+/// A node's VM is gone (its QEMU exited or was killed): no wait brings it
+/// back, so every wait ends at once with its console's last lines.
+#[derive(Debug, thiserror::Error)]
+#[error("the VM of {node} exited; the last lines of its console ({console}):\n{tail}")]
+struct VmExited {
+    node: String,
+    console: String,
+    tail: String,
+}
+
+/// The last `n` non-empty lines of a console log.
+fn console_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Fails with [`VmExited`] for the first node whose VM is not running.
+fn all_vms_running(nodes: &[NodeState]) -> Result<()> {
+    match nodes.iter().find(|n| n.pid().is_none()) {
+        None => Ok(()),
+        Some(n) => Err(VmExited {
+            node: n.name.clone(),
+            console: n.console.display().to_string(),
+            tail: console_tail(&n.console, 8),
+        }
+        .into()),
+    }
+}
+
 fn seen(e: &anyhow::Error) -> Seen {
+    if e.downcast_ref::<VmExited>().is_some() {
+        return Seen::Fatal;
+    }
     if let Some(n) = e.downcast_ref::<NotYet>() {
         return Seen::Starting(n.0.clone());
     }
@@ -137,12 +178,14 @@ impl<'a> Watch<'a> {
 }
 
 /// Runs `attempt` every second until it succeeds, meets a failure that
-/// waiting cannot change, or `limit` passes; shows what it meets on `node`.
+/// waiting cannot change (a VM of `vms` that exited is one), or `limit`
+/// passes; shows what it meets on `node`.
 async fn wait_on<T, F, Fut>(
     watch: &mut Watch<'_>,
+    vms: &[NodeState],
     node: &str,
     limit: Duration,
-    attempt: F,
+    mut attempt: F,
 ) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -150,7 +193,13 @@ where
 {
     Backoff::constant(Duration::from_secs(1))
         .timeout(limit)
-        .retry(attempt, |e, _| watch.failed(node, e))
+        .retry(
+            || {
+                let next = all_vms_running(vms).map(|()| attempt());
+                async move { next?.await }
+            },
+            |e, _| watch.failed(node, e),
+        )
         .await
 }
 
@@ -226,6 +275,7 @@ impl Driver<'_> {
         let ep = first.endpoint();
         wait_on(
             &mut watch,
+            &self.st.nodes,
             &first.name,
             Duration::from_secs(120).min(self.left()),
             || async {
@@ -242,6 +292,7 @@ impl Driver<'_> {
         p.step(format!("bootstrapping etcd on {}", first.name));
         wait_on(
             &mut watch,
+            &self.st.nodes,
             &first.name,
             Duration::from_secs(60).min(self.left()),
             || async {
@@ -271,6 +322,7 @@ impl Driver<'_> {
             .count();
         wait_on(
             &mut watch,
+            &self.st.nodes,
             &first.name,
             Duration::from_secs(60).min(self.left()),
             || async {
@@ -294,6 +346,7 @@ impl Driver<'_> {
                 let Some(port) = n.k8s_port else { continue };
                 wait_on(
                     &mut watch,
+                    &self.st.nodes,
                     &n.name,
                     Duration::from_secs(300).min(self.left()),
                     || readyz(port, tls.clone()),
@@ -320,9 +373,7 @@ impl Driver<'_> {
             .timeout(self.left())
             .retry(
                 || async {
-                    if n.pid().is_none() {
-                        bail!("the VM of {} exited (see {})", n.name, n.console.display());
-                    }
+                    all_vms_running(std::slice::from_ref(n))?;
                     let fp = banner_value(&n.console, "fingerprint:").ok_or_else(|| {
                         anyhow!(
                             "{}: no maintenance banner on {} yet",
@@ -359,6 +410,7 @@ impl Driver<'_> {
         let ep = n.endpoint();
         wait_on(
             watch,
+            &self.st.nodes,
             &n.name,
             Duration::from_secs(60).min(self.left()),
             || async {
@@ -382,6 +434,7 @@ impl Driver<'_> {
         let endpoints: Vec<String> = nodes.iter().map(NodeState::endpoint).collect();
         let mut backoff = Backoff::constant(Duration::from_secs(1)).deadline(self.deadline);
         loop {
+            all_vms_running(nodes)?;
             let res = client::fan_out(&endpoints, self.mutual.clone(), CALL_TIMEOUT, |_, ch| {
                 health::health(ch)
             })
@@ -472,6 +525,43 @@ async fn readyz(port: u16, tls: Arc<ClientConfig>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_exited_vm_ends_the_wait_with_its_console_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("cp1.console");
+        let lines: String = (1..=20).map(|i| format!("line {i}\r\n\r\n")).collect();
+        std::fs::write(&console, lines + "Kernel panic - not syncing: VFS\r\n").unwrap();
+        let node = NodeState {
+            name: "cp1".into(),
+            roles: vec!["etcd".into()],
+            ip: "10.5.0.10".into(),
+            api_port: 1,
+            etcd_port: 2,
+            k8s_port: None,
+            node_port: None,
+            memory_mib: 0,
+            config: dir.path().join("cp1.yaml"),
+            console: console.clone(),
+            disk: dir.path().join("cp1.raw"),
+            // No pid file: the VM is not running.
+            pidfile: dir.path().join("cp1.pid"),
+            qemu: Vec::new(),
+        };
+        let e = all_vms_running(std::slice::from_ref(&node)).unwrap_err();
+        assert_eq!(seen(&e), Seen::Fatal);
+        let text = format!("{e:#}");
+        assert!(text.starts_with("the VM of cp1 exited"), "{text}");
+        assert!(
+            text.ends_with("  Kernel panic - not syncing: VFS"),
+            "{text}"
+        );
+        assert!(
+            text.contains("line 14") && !text.contains("line 13\n"),
+            "{text}"
+        );
+        assert!(all_vms_running(&[]).is_ok());
+    }
+
     use super::*;
 
     fn status(code: Code, msg: &str) -> anyhow::Error {
