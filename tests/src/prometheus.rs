@@ -116,3 +116,22 @@ pub fn operator_curl_files(files: &ClusterFiles, dir: &Path) -> [String; 3] {
     }
     ["ca.crt", "client.crt", "client.key"].map(|n| dir.join(n).display().to_string())
 }
+
+/// The samples of a node whose etcd is healthy and has a leader (`text`
+/// is the scrape, shown when it is not).
+pub fn assert_healthy_etcd_node(samples: &[(String, serde_json::Value, f64)], text: &str) {
+    assert_eq!(
+        has(
+            samples,
+            "machined_service_state",
+            &[("service", "etcd"), ("state", "healthy")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        has(samples, "machined_etcd_has_leader", &[]),
+        Some(1.0),
+        "{text}"
+    );
+}

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use machine_api::pki::bundle::{os_client_cert, OsRole, SecretsBundle};
 use machine_api::pki::{LeafSpec, Usage};
-use node_tests::prometheus::{curl, has, operator_curl_files, parse, python};
+use node_tests::prometheus::{
+    assert_healthy_etcd_node, curl, has, operator_curl_files, parse, python,
+};
 use node_tests::{bootstrapped_node, require, status_kib, wait_until};
 
 #[test]
@@ -62,20 +64,7 @@ fn metrics_over_mutual_tls() {
             "{service} has no state:\n{text}"
         );
     }
-    assert_eq!(
-        has(
-            &samples,
-            "machined_service_state",
-            &[("service", "etcd"), ("state", "healthy")]
-        ),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        has(&samples, "machined_etcd_has_leader", &[]),
-        Some(1.0),
-        "{text}"
-    );
+    assert_healthy_etcd_node(&samples, &text);
     assert!(
         has(&samples, "machined_etcd_db_total_size_bytes", &[]).is_some_and(|v| v > 0.0),
         "{text}"

@@ -201,7 +201,9 @@ fn image_boots_to_maintenance_and_becomes_a_healthy_etcd_node() {
 /// certificate, the node's name as the server's), parsed by the Prometheus
 /// project's own parsers; without a client certificate, nothing.
 fn scrape_metrics(files: &ClusterFiles, tmp: &std::path::Path, port: u16) {
-    use node_tests::prometheus::{curl, has, operator_curl_files, parse, python};
+    use node_tests::prometheus::{
+        assert_healthy_etcd_node, curl, operator_curl_files, parse, python,
+    };
     let python =
         python().expect("python with prometheus_client (scripts/test.sh makes target/pyenv)");
     let [ca, crt, key] = operator_curl_files(files, &tmp.join("curl"));
@@ -220,20 +222,7 @@ fn scrape_metrics(files: &ClusterFiles, tmp: &std::path::Path, port: u16) {
     ]);
     assert!(ok, "scrape over mutual TLS failed: {err}");
     let samples = parse(&python, &text);
-    assert_eq!(
-        has(
-            &samples,
-            "machined_service_state",
-            &[("service", "etcd"), ("state", "healthy")]
-        ),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        has(&samples, "machined_etcd_has_leader", &[]),
-        Some(1.0),
-        "{text}"
-    );
+    assert_healthy_etcd_node(&samples, &text);
     let (ok, text, _) = curl(&["--connect-to", &to, "--cacert", &ca, url]);
     assert!(
         !ok && !text.contains("machined_"),
