@@ -16,6 +16,8 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use machine_api::image_bundle::{self, BundleError, Output, Verified};
 use machine_api::image_signature::TrustedKey;
@@ -313,6 +315,26 @@ pub struct ChunkReader {
     rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
     buf: Vec<u8>,
     pos: usize,
+    counters: UploadCounters,
+}
+
+/// What a [`ChunkReader`] saw, readable while it runs elsewhere: the bytes
+/// it received and how long the installer waited on the network for them.
+/// The rest of an install's time is checking and writing, which run
+/// interleaved with the upload, so this is how the two are told apart.
+#[derive(Clone, Debug, Default)]
+pub struct UploadCounters {
+    bytes: Arc<AtomicU64>,
+    waited_ns: Arc<AtomicU64>,
+}
+
+impl UploadCounters {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+    pub fn waited(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.waited_ns.load(Ordering::Relaxed))
+    }
 }
 
 impl ChunkReader {
@@ -321,15 +343,27 @@ impl ChunkReader {
             rx,
             buf: Vec::new(),
             pos: 0,
+            counters: UploadCounters::default(),
         }
+    }
+
+    pub fn counters(&self) -> UploadCounters {
+        self.counters.clone()
     }
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.pos >= self.buf.len() {
-            match self.rx.blocking_recv() {
+            let t = std::time::Instant::now();
+            let next = self.rx.blocking_recv();
+            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.counters.waited_ns.fetch_add(ns, Ordering::Relaxed);
+            match next {
                 Some(Ok(chunk)) => {
+                    self.counters
+                        .bytes
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     self.buf = chunk;
                     self.pos = 0;
                 }

@@ -288,8 +288,15 @@ fn upgrade_falls_back_from_a_broken_image_then_upgrades_and_rolls_back() {
     files
         .osctl(&[&node], &["health", "--wait", "180"])
         .expect_ok();
+    // The node's own split of its install time (in its answer, unless
+    // that was lost in the reboot).
+    let split = up
+        .stdout
+        .split("; ")
+        .find(|p| p.contains("s waiting for the upload"))
+        .unwrap_or("the node's answer was lost");
     eprintln!(
-        "figures: upgrade transfer+verify+write {:.1}s, reboot to healthy and marked good {:.1}s; rollback to v1 serving {:.1}s",
+        "figures: upgrade download+transfer+verify+write {:.1}s (node: {split}), reboot to healthy and marked good {:.1}s; rollback to v1 serving {:.1}s",
         transfer.as_secs_f64(),
         to_healthy.as_secs_f64(),
         rollback.as_secs_f64()

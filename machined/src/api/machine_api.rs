@@ -233,14 +233,12 @@ impl MachineService for MachineApi {
         let mut stream = r.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
         let kubelet = self.0.role_context(&cfg).binary("kubelet", "kubelet").ok();
+        let started = std::time::Instant::now();
+        let reader = crate::upgrade::ChunkReader::new(rx);
+        let upload = reader.counters();
         let install = tokio::task::spawn_blocking(move || {
             let running = crate::upgrade::running_kubernetes(kubelet.as_deref());
-            crate::upgrade::install(
-                crate::upgrade::ChunkReader::new(rx),
-                &trusted,
-                &target,
-                running.as_deref(),
-            )
+            crate::upgrade::install(reader, &trusted, &target, running.as_deref())
         });
         let mut stage = None;
         let mut total = 0u64;
@@ -306,8 +304,10 @@ impl MachineService for MachineApi {
             manifest_sha256: installed.verified.manifest_sha256.clone(),
             signed_by: installed.verified.signed_by.clone().unwrap_or_default(),
             message: format!(
-                "installed {} into slot {into} ({checked}); boot entry {}",
-                installed.verified.manifest.profile.name, installed.entry
+                "installed {} into slot {into} ({checked}); boot entry {}; {}",
+                installed.verified.manifest.profile.name,
+                installed.entry,
+                upload_times(&upload, started.elapsed())
             ),
             rebooting: false,
         };
@@ -481,6 +481,19 @@ fn with_after<T>(message: T, after: Option<crate::node::AfterReply>) -> Response
             )));
     }
     r
+}
+
+/// How an install's time divides: waiting for the upload, and the rest
+/// (checking and writing, interleaved with it, and the final syncs).
+fn upload_times(upload: &crate::upgrade::UploadCounters, total: std::time::Duration) -> String {
+    let waited = upload.waited().min(total);
+    format!(
+        "{:.1} MiB in {:.1}s: {:.1}s waiting for the upload, {:.1}s checking and writing",
+        upload.bytes() as f64 / f64::from(1u32 << 20),
+        total.as_secs_f64(),
+        waited.as_secs_f64(),
+        (total - waited).as_secs_f64()
+    )
 }
 
 /// The gRPC status of a refused upgrade: a bundle that fails a check is
