@@ -392,28 +392,43 @@ fn pause_reaps_orphans_and_stops_on_sigterm() {
         pause_pid != 0
     });
     // An orphan inside its namespace: sh starts sleep and exits, so sleep
-    // is reparented to pause (PID 1 there), exits, and must be reaped.
-    // It lives 5 s so that a loaded machine still sees it reparented.
+    // is reparented to pause (PID 1 there). It would live a minute, so a
+    // loaded machine still sees it reparented; then it is killed from
+    // outside, and pause must reap it.
     run(Command::new("nsenter")
         .args(["--target", &pause_pid.to_string(), "--pid", "--"])
-        .args(["sh", "-c", "sleep 5 & exit 0"]))
+        // sleep's output is not ours: holding the pipe open, it would keep
+        // `run` waiting for it to end.
+        .args(["sh", "-c", "sleep 60 </dev/null >/dev/null 2>&1 & exit 0"]))
     .expect_ok();
     let pause_children = format!("/proc/{pause_pid}/task/{pause_pid}/children");
+    let mut orphan = 0;
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the orphan reparented to pause",
         || {
-            !std::fs::read_to_string(&pause_children)
+            orphan = std::fs::read_to_string(&pause_children)
                 .unwrap_or_default()
-                .trim()
-                .is_empty()
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            orphan != 0
         },
     );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(orphan),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Reaped: no longer pause's child, and gone from /proc (a zombie would
+    // stay in both).
     wait_until(Duration::from_secs(30), "the orphan reaped", || {
         std::fs::read_to_string(&pause_children)
             .unwrap_or_default()
             .trim()
             .is_empty()
+            && !std::path::Path::new(&format!("/proc/{orphan}")).exists()
     });
     assert!(node_tests::alive(pause_pid), "pause exited");
     nix::sys::signal::kill(
