@@ -41,6 +41,23 @@ fn raw_reset(files: &ClusterFiles, ip: &str, req: ResetRequest) -> Result<(), to
     })
 }
 
+/// Calls `f` every second until it says done, for at most `limit`; the
+/// text of its last call (shown when time runs out).
+fn retry(limit: Duration, what: &str, mut f: impl FnMut() -> (bool, String)) -> String {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (done, text) = f();
+        if done {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}; the last try said:\n{text}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 fn maintenance_banners(node: &Machined) -> usize {
     node.log_text().matches("state:       maintenance").count()
 }
@@ -200,8 +217,7 @@ fn a_graceful_reset_of_one_member_of_three_leaves_a_healthy_pair() {
             .to_owned()
     };
     let n1_before = id_of("n1");
-    let mut last = String::new();
-    wait_until(Duration::from_secs(30), "n1 wiped for its upgrade", || {
+    let last = retry(Duration::from_secs(60), "n1 wiped for its upgrade", || {
         let r = files.osctl(
             &[ips[1]],
             &[
@@ -211,8 +227,8 @@ fn a_graceful_reset_of_one_member_of_three_leaves_a_healthy_pair() {
                 "--preserve=false",
             ],
         );
-        last = r.text();
-        last.contains("wiped its data")
+        let text = r.text();
+        (text.contains("wiped its data"), text)
     });
     assert!(last.contains("host mode"), "{last}");
     let n1_after = id_of("n1");
@@ -225,12 +241,11 @@ fn a_graceful_reset_of_one_member_of_three_leaves_a_healthy_pair() {
     // Other members remain: no --force needed. etcd refuses to remove a
     // member that could cost quorum right after a join ("unhealthy
     // cluster"), so the reset is retried until etcd agrees.
-    let mut last = String::new();
-    wait_until(Duration::from_secs(30), "graceful reset of n2", || {
+    let last = retry(Duration::from_secs(60), "graceful reset of n2", || {
         let r = files.osctl(&[ips[2]], &["reset", "--graceful"]);
-        last = r.text();
-        assert!(!last.contains("--force"), "{last}");
-        r.ok
+        let text = r.text();
+        assert!(!text.contains("--force"), "{text}");
+        (r.ok, text)
     });
     assert!(last.contains("maintenance mode"), "{last}");
     wait_until(Duration::from_secs(20), "n2 in maintenance", || {
