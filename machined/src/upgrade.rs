@@ -318,20 +318,16 @@ pub struct ChunkReader {
     counters: UploadCounters,
 }
 
-/// What a [`ChunkReader`] saw, readable while it runs elsewhere: the bytes
-/// it received and how long the installer waited on the network for them.
+/// How long the installer waited on the network for the chunks a
+/// [`ChunkReader`] handed it, readable while it runs elsewhere.
 /// The rest of an install's time is checking and writing, which run
 /// interleaved with the upload, so this is how the two are told apart.
 #[derive(Clone, Debug, Default)]
 pub struct UploadCounters {
-    bytes: Arc<AtomicU64>,
     waited_ns: Arc<AtomicU64>,
 }
 
 impl UploadCounters {
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
     pub fn waited(&self) -> std::time::Duration {
         std::time::Duration::from_nanos(self.waited_ns.load(Ordering::Relaxed))
     }
@@ -361,9 +357,6 @@ impl Read for ChunkReader {
             self.counters.waited_ns.fetch_add(ns, Ordering::Relaxed);
             match next {
                 Some(Ok(chunk)) => {
-                    self.counters
-                        .bytes
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     self.buf = chunk;
                     self.pos = 0;
                 }

@@ -307,7 +307,7 @@ impl MachineService for MachineApi {
                 "installed {} into slot {into} ({checked}); boot entry {}; {}",
                 installed.verified.manifest.profile.name,
                 installed.entry,
-                upload_times(&upload, started.elapsed())
+                upload_times(total, &upload, started.elapsed())
             ),
             rebooting: false,
         };
@@ -483,16 +483,21 @@ fn with_after<T>(message: T, after: Option<crate::node::AfterReply>) -> Response
     r
 }
 
-/// How an install's time divides: waiting for the upload, and the rest
-/// (checking and writing, interleaved with it, and the final syncs).
-fn upload_times(upload: &crate::upgrade::UploadCounters, total: std::time::Duration) -> String {
-    let waited = upload.waited().min(total);
+/// How an install of `bytes` that took `took` divides: waiting for the
+/// upload, and the rest (checking and writing, interleaved with it, and
+/// the final syncs).
+fn upload_times(
+    bytes: u64,
+    upload: &crate::upgrade::UploadCounters,
+    took: std::time::Duration,
+) -> String {
+    let waited = upload.waited().min(took);
     format!(
         "{:.1} MiB in {:.1}s: {:.1}s waiting for the upload, {:.1}s checking and writing",
-        upload.bytes() as f64 / f64::from(1u32 << 20),
-        total.as_secs_f64(),
+        bytes as f64 / f64::from(1u32 << 20),
+        took.as_secs_f64(),
         waited.as_secs_f64(),
-        (total - waited).as_secs_f64()
+        (took - waited).as_secs_f64()
     )
 }
 

@@ -307,9 +307,9 @@ fn certificates(
 /// (none before they exist).
 pub fn next_renewal(ctx: &RoleContext) -> Option<std::time::SystemTime> {
     let dir = dir_of(&ctx.paths);
-    ["serving", "kube-proxy"]
+    certificates(&node_identity(ctx))
         .iter()
-        .filter_map(|n| std::fs::read_to_string(dir.join(format!("{n}.crt"))).ok())
+        .filter_map(|(n, ..)| std::fs::read_to_string(dir.join(format!("{n}.crt"))).ok())
         .filter_map(|pem| machine_api::pki::renewal_time(&pem, ctx.renew_before))
         .min()
 }
@@ -337,15 +337,20 @@ pub async fn renew_due(
     Ok(renewed)
 }
 
+/// This node as its certificates name it.
+fn node_identity(ctx: &RoleContext) -> NodeIdentity {
+    NodeIdentity {
+        name: ctx.node.name.clone(),
+        addresses: vec![ctx.node.ip],
+    }
+}
+
 impl Identities {
     fn new(cfg: &MachineConfig, ctx: &RoleContext) -> Self {
         Identities {
             cfg: Arc::new(cfg.clone()),
             dir: dir_of(&ctx.paths),
-            node: NodeIdentity {
-                name: ctx.node.name.clone(),
-                addresses: vec![ctx.node.ip],
-            },
+            node: node_identity(ctx),
             renew_before: ctx.renew_before,
         }
     }

@@ -10,9 +10,9 @@
 //! A stranger's server is bounded like any other input: a size limit
 //! (checked against Content-Length before the body and counted while
 //! reading it), connect and stall timeouts, at most 5 redirects and none
-//! from https to http. `--sha256` pins the file; a plain-http download of
-//! an unsigned bundle without a pin is warned about, since only the pin or
-//! a signature can tell a replaced file.
+//! from https to http. The file is then checked like a local one (its
+//! `--sha256` pin included) by the caller, in the one read that checks
+//! the bundle.
 
 use std::io::Write;
 use std::path::Path;
@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
+
+use crate::client::error_chain;
 
 /// The largest bundle downloaded (a bundle is a kernel, an initramfs and a
 /// root squashfs: hundreds of MiB today).
@@ -79,11 +80,9 @@ fn redirects() -> reqwest::redirect::Policy {
 }
 
 /// Downloads `url` into a temporary file (in `$TMPDIR`, removed when
-/// dropped), checking its size against `limit` and its sha256 against
-/// `pin` when given.
+/// dropped), checking its size against `limit`.
 pub async fn download(
     url: &str,
-    pin: Option<&str>,
     extra_ca: Option<&Path>,
     limit: u64,
 ) -> Result<tempfile::NamedTempFile> {
@@ -95,15 +94,7 @@ pub async fn download(
         .redirect(redirects())
         .build()
         .context("HTTP client")?;
-    let chain = |e: reqwest::Error| {
-        let mut s = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(inner) = src {
-            s.push_str(&format!(": {inner}"));
-            src = inner.source();
-        }
-        anyhow::anyhow!("--image {url}: {s}")
-    };
+    let chain = |e: reqwest::Error| anyhow::anyhow!("--image {url}: {}", error_chain(&e));
     let mut resp = client.get(url).send().await.map_err(chain)?;
     if !resp.status().is_success() {
         bail!("--image {url}: the server answered HTTP {}", resp.status());
@@ -116,27 +107,19 @@ pub async fn download(
         .suffix(".tar")
         .tempfile()
         .context("a temporary file for the download (set TMPDIR to a roomier place)")?;
-    let mut hash = Sha256::new();
     let mut bytes: u64 = 0;
     while let Some(chunk) = resp.chunk().await.map_err(chain)? {
         bytes += chunk.len() as u64;
         if bytes > limit {
             bail!("--image {url}: over the limit of {limit} bytes for a bundle: refused");
         }
-        hash.update(&chunk);
         file.write_all(&chunk)
             .with_context(|| format!("writing {}", file.path().display()))?;
     }
     file.flush()?;
-    let sha256 = hex::encode(hash.finalize());
-    if let Some(want) = pin {
-        if !sha256.eq_ignore_ascii_case(want.trim()) {
-            bail!("--image {url}: its sha256 is {sha256}, --sha256 says {want}: refused (the file on the server is not the one you pinned)");
-        }
-    }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "{url}: downloaded {bytes} bytes in {secs:.1}s ({:.1} MiB/s), sha256 {sha256}",
+        "{url}: downloaded {bytes} bytes in {secs:.1}s ({:.1} MiB/s)",
         bytes as f64 / (1 << 20) as f64 / secs.max(0.001)
     );
     Ok(file)

@@ -67,13 +67,17 @@ pub struct Upgrade {
     pub wait: u64,
 }
 
-/// Checks the bundle's structure and every file against its manifest
-/// (and the whole file against `pin`); `name` is what the user gave.
-fn check_locally(
-    path: &std::path::Path,
-    name: &str,
-    pin: Option<&str>,
-) -> Result<machine_api::image_bundle::Verified> {
+/// A bundle checked here: what the manifest check found, and the sha256
+/// of the whole file (what `--sha256` pins).
+struct Checked {
+    verified: machine_api::image_bundle::Verified,
+    sha256: String,
+}
+
+/// Checks the bundle's structure and every file against its manifest,
+/// and the whole file against `pin`, in one read; `name` is what the user
+/// gave.
+fn check_locally(path: &std::path::Path, name: &str, pin: Option<&str>) -> Result<Checked> {
     let f = std::fs::File::open(path).with_context(|| format!("--image {name}"))?;
     let mut hashing = HashingReader {
         inner: std::io::BufReader::new(f),
@@ -83,16 +87,15 @@ fn check_locally(
         std::io::copy(r, &mut std::io::sink()).map(drop)
     })
     .with_context(|| format!("--image {name}"))?;
+    // Whatever follows the tar's end counts too.
+    std::io::copy(&mut hashing, &mut std::io::sink()).with_context(|| format!("--image {name}"))?;
+    let sha256 = hex::encode(sha2::Digest::finalize(hashing.hash));
     if let Some(want) = pin {
-        // Whatever follows the tar's end counts too.
-        std::io::copy(&mut hashing, &mut std::io::sink())
-            .with_context(|| format!("--image {name}"))?;
-        let got = hex::encode(sha2::Digest::finalize(hashing.hash));
-        if !got.eq_ignore_ascii_case(want.trim()) {
-            bail!("--image {name}: its sha256 is {got}, --sha256 says {want}: refused");
+        if !sha256.eq_ignore_ascii_case(want.trim()) {
+            bail!("--image {name}: its sha256 is {sha256}, --sha256 says {want}: refused (this is not the file you pinned)");
         }
     }
-    Ok(verified)
+    Ok(Checked { verified, sha256 })
 }
 
 /// Hashes what is read through it.
@@ -115,25 +118,25 @@ impl Upgrade {
             bail!("--preserve=false wipes each node's data just before its upgrade, one node at a time: it cannot be combined with --stage or --wait 0");
         }
         // A URL is fetched once; the temporary file lives until the end.
-        let (path, _download) = if download::is_url(&self.image) {
-            let d = download::download(
-                &self.image,
-                self.sha256.as_deref(),
-                self.image_ca.as_deref(),
-                download::MAX_BUNDLE_BYTES,
+        let download = if download::is_url(&self.image) {
+            Some(
+                download::download(
+                    &self.image,
+                    self.image_ca.as_deref(),
+                    download::MAX_BUNDLE_BYTES,
+                )
+                .await?,
             )
-            .await?;
-            (d.path().to_owned(), Some(d))
         } else {
-            (PathBuf::from(&self.image), None)
-        };
-        // The download was already checked against the pin.
-        let pin = if _download.is_some() {
             None
-        } else {
-            self.sha256.as_deref()
         };
-        let local = check_locally(&path, &self.image, pin)?;
+        let path = download
+            .as_ref()
+            .map_or_else(|| PathBuf::from(&self.image), |d| d.path().to_owned());
+        let Checked {
+            verified: local,
+            sha256,
+        } = check_locally(&path, &self.image, self.sha256.as_deref())?;
         if self.image.starts_with("http://") && self.sha256.is_none() && !local.signed {
             eprintln!(
                 "warning: {} is an unsigned bundle over plain http with no --sha256: nothing tells whether it was replaced on the way; sign images (imager build --sign) or pin them",
@@ -141,7 +144,7 @@ impl Upgrade {
             );
         }
         eprintln!(
-            "{}: upgrade bundle of {} (manifest sha256 {}), {}",
+            "{}: upgrade bundle of {} (manifest sha256 {}), {}; sha256 {sha256}",
             self.image,
             local.manifest.profile.name,
             &local.manifest_sha256[..16],
@@ -165,55 +168,9 @@ impl Upgrade {
                 let one = s.only(t, Duration::from_secs(self.upload_timeout));
                 let check = s.only(t, Duration::from_secs(call_timeout));
                 let limit = Duration::from_secs(self.wait);
-                if !self.preserve {
-                    if let Err(e) = wipe_first(&check, limit).await {
-                        res.push((t.clone(), Err(e)));
-                        for rest in &s.targets[i + 1..] {
-                            res.push((
-                                rest.clone(),
-                                Err(anyhow::anyhow!("not upgraded: the rollout stopped at {t}")),
-                            ));
-                        }
-                        break;
-                    }
-                }
-                let started = Instant::now();
-                let mut r = one.call(|ch| send(ch, image.clone(), false)).await;
-                let (node, sent) = r.remove(0);
-                let done = match sent {
-                    Ok(reply) => {
-                        eprintln!("{node}: {}", reply.message);
-                        let want = Want {
-                            slot: Some(reply.slot.clone()).filter(|s| !s.is_empty()),
-                            ..want.clone()
-                        };
-                        wait_back(&check, &want, started, limit)
-                            .await
-                            .map(|_| reply)
-                    }
-                    // The connection dropped after the upload: the node may
-                    // have installed the bundle and rebooted before its
-                    // answer got out. Which version it boots tells.
-                    Err(e) if maybe_installed(&e) => {
-                        eprintln!(
-                            "{node}: no answer after the upload ({e:#}); waiting to see which version it boots"
-                        );
-                        wait_back(&check, &want, started, limit)
-                            .await
-                            .map(|v| UpgradeResponse {
-                                slot: v.slot.clone(),
-                                running_slot: v.slot.clone(),
-                                message: format!(
-                                    "running {} on slot {} (the node's answer to the upload was lost)",
-                                    v.image_version, v.slot
-                                ),
-                                ..Default::default()
-                            })
-                    }
-                    Err(e) => Err(e),
-                };
+                let done = upgrade_one(&one, &check, &image, &want, self.preserve, limit).await;
                 let failed = done.is_err();
-                res.push((node, done));
+                res.push((t.clone(), done));
                 if failed {
                     for rest in &s.targets[i + 1..] {
                         res.push((
@@ -245,6 +202,65 @@ impl Upgrade {
     }
 }
 
+/// One node of a rollout: with `preserve` false its data is wiped first;
+/// the bundle goes through `one` (the upload's timeout), and `check` waits
+/// until the node is back healthy on the new slot.
+async fn upgrade_one(
+    one: &Session,
+    check: &Session,
+    image: &std::path::Path,
+    want: &Want,
+    preserve: bool,
+    limit: Duration,
+) -> Result<UpgradeResponse> {
+    if !preserve {
+        wipe_first(check, limit).await?;
+    }
+    let started = Instant::now();
+    let (node, sent) = one
+        .call(|ch| send(ch, image.to_owned(), false))
+        .await
+        .remove(0);
+    match sent {
+        Ok(reply) => {
+            eprintln!("{node}: {}", reply.message);
+            let want = Want {
+                slot: Some(reply.slot.clone()).filter(|s| !s.is_empty()),
+                ..want.clone()
+            };
+            wait_back(check, &want, started, limit).await.map(|_| reply)
+        }
+        // The connection dropped after the upload: the node may have
+        // installed the bundle and rebooted before its answer got out.
+        // Which version it boots tells.
+        Err(e) if maybe_installed(&e) => {
+            eprintln!(
+                "{node}: no answer after the upload ({e:#}); waiting to see which version it boots"
+            );
+            wait_back(check, want, started, limit)
+                .await
+                .map(|v| UpgradeResponse {
+                    slot: v.slot.clone(),
+                    running_slot: v.slot.clone(),
+                    message: format!(
+                        "running {} on slot {} (the node's answer to the upload was lost)",
+                        v.image_version, v.slot
+                    ),
+                    ..Default::default()
+                })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What keeps the node on `s` from being healthy now (None: nothing).
+async fn health_problem(s: &Session) -> Option<String> {
+    match s.call(super::health::health).await.remove(0).1 {
+        Ok(h) => super::health::unhealthy(&h).map(|why| format!("unhealthy: {why}")),
+        Err(e) => Some(format!("{e:#}")),
+    }
+}
+
 /// `--preserve=false`: the node leaves etcd and wipes its data on /var
 /// (the node refuses when it holds the last copy of etcd's data), then
 /// osctl waits until its services are healthy again with the same config.
@@ -268,12 +284,9 @@ async fn wipe_first(s: &Session, limit: Duration) -> Result<()> {
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        match s.call(super::health::health).await.remove(0).1 {
-            Ok(h) => match super::health::unhealthy(&h) {
-                None => return Ok(()),
-                Some(why) => last = format!("unhealthy: {why}"),
-            },
-            Err(e) => last = format!("{e:#}"),
+        match health_problem(s).await {
+            None => return Ok(()),
+            Some(why) => last = why,
         }
     }
     bail!(
@@ -386,22 +399,19 @@ async fn wait_back(
                 }
             );
         }
-        match s.call(super::health::health).await.remove(0).1 {
-            Ok(h) => match super::health::unhealthy(&h) {
-                None => {
-                    eprintln!(
-                        "{}: healthy on slot {} (image {}) {:.1}s after the upload ended, {:.1}s after it began",
-                        s.targets[0],
-                        v.slot,
-                        v.image_version,
-                        waiting.elapsed().as_secs_f64(),
-                        started.elapsed().as_secs_f64()
-                    );
-                    return Ok(v);
-                }
-                Some(why) => last = format!("unhealthy: {why}"),
-            },
-            Err(e) => last = format!("{e:#}"),
+        match health_problem(s).await {
+            None => {
+                eprintln!(
+                    "{}: healthy on slot {} (image {}) {:.1}s after the upload ended, {:.1}s after it began",
+                    s.targets[0],
+                    v.slot,
+                    v.image_version,
+                    waiting.elapsed().as_secs_f64(),
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(v);
+            }
+            Some(why) => last = why,
         }
     }
     bail!(
